@@ -1,0 +1,206 @@
+"""DiJiang attention math: the frequency-domain feature map and its three forms.
+
+Everything the paper defines lives here, so one file can be checked against
+DESIGN.md section 2:
+
+* ``dct_matrix``, ``qmc_normal``, ``projection_matrix``: the frozen ``P = C @ T``.
+* ``feature_map``: ``phi(x) = softmax(x @ P)`` over the ``m`` features.
+* ``parallel_attention`` (quadratic reference), ``chunked_attention`` (prefill,
+  linear in length) and ``recurrent_attention`` (decode, O(1) per token): the same
+  function of ``(q, k, v, log_gate, beta, initial_state)``, after
+  flash-linear-attention's ``naive_*`` references.
+
+Decay is given as a per-token log gate ``log_gate[b, h, n] = ln gamma_n <= 0``
+and an input scale ``beta[b, h, n]``, so one signature covers the constant
+per-head decay of new conversions, the per-position ``D1/D2`` of imported
+official checkpoints, and padding (``log_gate = 0, beta = 0`` makes a token
+invisible in both directions).  The recurrence is
+
+    S_n = exp(log_gate_n) S_(n-1) + beta_n phi(k_n)^T v_n,     o_n = phi(q_n) S_n
+
+No table of ``gamma^n`` or ``gamma^-n`` is ever built: decays are differences of
+cumulative log gates inside a chunk (or in float64 for the parallel reference),
+so nothing overflows at any length (the official code gives NaN past ~5k tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------
+# The frozen projection P = C @ T
+# ----------------------------------------------------------------------------
+
+def dct_matrix(d: int) -> Tensor:
+    """Orthonormal DCT-II matrix, ``C[k, j] = s_k cos(pi (2j+1) k / 2d)`` (float64).
+
+    Equals ``scipy.fft.dct(numpy.eye(d), axis=0, norm="ortho")``.
+    """
+    k = torch.arange(d, dtype=torch.float64)[:, None]
+    j = torch.arange(d, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * j + 1) * k / (2 * d))
+    scale = torch.full((d, 1), math.sqrt(2.0 / d), dtype=torch.float64)
+    scale[0, 0] = math.sqrt(1.0 / d)
+    return c * scale
+
+
+def _van_der_corput(i: int) -> float:
+    """Base-2 radical inverse of ``i``: a one-dimensional low-discrepancy sequence."""
+    out, f = 0.0, 0.5
+    while i:
+        out += f * (i & 1)
+        i >>= 1
+        f *= 0.5
+    return out
+
+
+def qmc_uniform(d: int) -> Tensor:
+    """``d`` deterministic quasi-Monte Carlo points in (0, 1) (float64).
+
+    Stratified midpoints ``(j + 0.5) / N`` (``N`` = next power of two >= d) taken in
+    van der Corput (bit-reversed) order: for a power-of-two ``d`` (every supported
+    model) this is exactly the midpoint grid ``{(j + 0.5)/d}``, and the order keeps
+    the normal quantiles from lining up with the DCT frequencies.
+    """
+    n = 1 << max(0, (d - 1).bit_length())
+    u = [(math.floor(_van_der_corput(i) * n) + 0.5) / n for i in range(d)]
+    return torch.tensor(u, dtype=torch.float64)
+
+
+def qmc_normal(d: int) -> Tensor:
+    """``t_i = Phi^-1(u_i)``: the diagonal of ``T`` for the QMC choice (float64)."""
+    u = qmc_uniform(d)
+    return math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+
+
+def projection_matrix(d: int, t: Tensor | None = None) -> Tensor:
+    """``P = C @ diag(t)`` as float32, computed once per layer and then frozen."""
+    t = qmc_normal(d) if t is None else t.to(torch.float64)
+    return (dct_matrix(d) * t[None, :]).to(torch.float32)
+
+
+def feature_map(x: Tensor, proj: Tensor) -> Tensor:
+    """``phi(x) = softmax(x @ P)`` over the last (feature) axis, in float32."""
+    return torch.softmax(x.float() @ proj.float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------
+# The three forms.  Shapes: q, k [B, H, T, m]; v [B, H, T, dv];
+# log_gate, beta [B, H, T]; state [B, H, m, dv].  All float32.
+# ----------------------------------------------------------------------------
+
+def _defaults(q: Tensor, v: Tensor, beta: Tensor | None, state: Tensor | None):
+    b, h, _, m = q.shape
+    if beta is None:
+        beta = q.new_ones(q.shape[:-1])
+    if state is None:
+        state = q.new_zeros(b, h, m, v.shape[-1])
+    return beta, state
+
+
+def recurrent_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
+                        beta: Tensor | None = None,
+                        initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One token at a time: ``S = g S + beta k^T v``, ``o = q S``. Returns (o, final state)."""
+    beta, s = _defaults(q, v, beta, initial_state)
+    gate = log_gate.exp()
+    outs = []
+    for n in range(q.shape[2]):
+        kv = k[:, :, n, :, None] * v[:, :, n, None, :]
+        s = gate[:, :, n, None, None] * s + beta[:, :, n, None, None] * kv
+        outs.append(torch.einsum("bhm,bhmd->bhd", q[:, :, n], s))
+    o = torch.stack(outs, dim=2) if outs else v.new_zeros(v.shape)
+    return o, s
+
+
+def recurrent_step(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor,
+                   state: Tensor) -> tuple[Tensor, Tensor]:
+    """The recurrent form for exactly one token, written without a Python loop.
+
+    Same shapes as ``recurrent_attention`` with ``T == 1``; this is what decode and
+    the exported decode graphs run.
+    """
+    g = log_gate.exp()[..., None]                       # [B, H, 1, 1]
+    kv = k.transpose(-1, -2) @ v                        # [B, H, m, dv]
+    s = g * state + beta[..., None] * kv
+    return q @ s, s
+
+
+def parallel_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
+                       beta: Tensor | None = None,
+                       initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Quadratic masked form, the reference: ``o_n = sum_j exp(L_n - L_j) beta_j (q_n.k_j) v_j``.
+
+    ``L`` is the cumulative log gate, kept in float64 so that long sequences lose no
+    precision; the mask is applied before ``exp`` so nothing overflows.
+    """
+    beta, s0 = _defaults(q, v, beta, initial_state)
+    t = q.shape[2]
+    cum = log_gate.double().cumsum(-1)                               # [B, H, T]
+    diff = cum[..., :, None] - cum[..., None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    decay = diff.masked_fill(~causal, float("-inf")).exp().float()
+    scores = (q @ k.transpose(-1, -2)) * decay * beta[..., None, :]
+    o = scores @ v + cum.exp().float()[..., None] * (q @ s0)
+    w_end = ((cum[..., -1:] - cum).exp().float() * beta)[..., None]  # [B, H, T, 1]
+    s = cum[..., -1].exp().float()[..., None, None] * s0 + (k * w_end).transpose(-1, -2) @ v
+    return o, s
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
+                      beta: Tensor | None = None, initial_state: Tensor | None = None,
+                      chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Chunkwise form, linear in length: quadratic inside a chunk, recurrent across.
+
+    For a chunk with in-chunk cumulative log gate ``c_i``:
+    ``O = ((Q K^T) * exp(c_i - c_l) * beta_l) V + exp(c_i) Q S`` and
+    ``S <- exp(c_last) S + sum_l exp(c_last - c_l) beta_l K_l^T V_l``.
+    A length that ``chunk_size`` does not divide is padded with invisible tokens
+    (``log_gate = 0``, ``beta = 0``), which leave the state unchanged.
+    """
+    beta, s = _defaults(q, v, beta, initial_state)
+    b, h, t, m = q.shape
+    dv = v.shape[-1]
+    c = max(1, min(chunk_size, t))
+    pad = (-t) % c
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        log_gate, beta = F.pad(log_gate, (0, pad)), F.pad(beta, (0, pad))
+    n = (t + pad) // c
+    q, k = q.view(b, h, n, c, m), k.view(b, h, n, c, m)
+    v = v.view(b, h, n, c, dv)
+    cum = log_gate.view(b, h, n, c).cumsum(-1)                       # in-chunk, small
+    beta = beta.view(b, h, n, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    intra = ((q @ k.transpose(-1, -2)) * decay * beta[..., None, :]) @ v
+    k_end = k * ((cum[..., -1:] - cum).exp() * beta)[..., None]      # decayed to chunk end
+    chunk_kv = k_end.transpose(-1, -2) @ v                           # [B, H, N, m, dv]
+    chunk_gate = cum[..., -1].exp()                                  # [B, H, N]
+    q_in = q * cum.exp()[..., None]
+    outs = []
+    for i in range(n):
+        outs.append(intra[:, :, i] + q_in[:, :, i] @ s)
+        s = chunk_gate[:, :, i, None, None] * s + chunk_kv[:, :, i]
+    o = torch.stack(outs, dim=2).view(b, h, n * c, dv)[:, :, :t]
+    return o, s
+
+
+FORMS = {
+    "parallel": parallel_attention,
+    "chunked": chunked_attention,
+    "recurrent": recurrent_attention,
+}
+
+
+def default_log_decay(num_heads: int) -> Tensor:
+    """Per-head ``ln gamma_h`` with ``gamma_h = 1 - exp(linspace(ln 1/32, ln 1/512, H))_h``."""
+    one_minus = torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads,
+                                         dtype=torch.float64))
+    return torch.log1p(-one_minus).to(torch.float32)

@@ -1,0 +1,54 @@
+"""Tiny random-weight models of each supported architecture, so the suite stays fast."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the relative error every parity bar in this project uses."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def tiny_hf(arch: str, seed: int = 0):
+    """A randomly initialised transformers model of ``arch`` with a few-thousand-weight config."""
+    import transformers as T
+    torch.manual_seed(seed)
+    if arch == "llama":        # grouped-query attention, untied head
+        cfg = T.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    elif arch == "smollm2":    # SmolLM2's shape in miniature: GQA 3:1, tied embeddings, rope 1e5
+        cfg = T.LlamaConfig(vocab_size=97, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=3, num_key_value_heads=1, head_dim=24,
+                            rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                            bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    elif arch == "qwen2":      # QKV bias
+        cfg = T.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    elif arch == "gpt_neox":   # partial rotary, parallel residual
+        cfg = T.GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=256,
+                              bos_token_id=1, eos_token_id=2, use_parallel_residual=True,
+                              tie_word_embeddings=False)
+    else:
+        raise ValueError(arch)
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():      # HF inits some weights to constants; randomise so tests can tell them apart
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+ARCHS = ["llama", "smollm2", "qwen2", "gpt_neox"]
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    return {a: tiny_hf(a) for a in ARCHS}
