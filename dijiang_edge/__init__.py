@@ -7,23 +7,38 @@ Public API::
     logits, state = model(next_ids, state)              # continue: O(1) per token
     ids, state = dijiang_edge.generate(model, input_ids, max_new_tokens=32)
     model.save_pretrained("out"); dijiang_edge.load("out")
+
+Names are imported lazily so that ``dijiang_edge.runtime`` (onnxruntime + numpy)
+works on a device without torch.
 """
 
-from .convert import SUPPORTED, convert
+from importlib import import_module
+
 from .errors import DiJiangError
-from .generation import generate, stream
-from .model import DiJiangForCausalLM, ModelArgs, RecurrentState
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "convert": "conversion", "SUPPORTED": "conversion",
+    "generate": "generation", "stream": "generation",
+    "DiJiangForCausalLM": "model", "ModelArgs": "model", "RecurrentState": "model",
+}
 
-def load(path) -> DiJiangForCausalLM:
+
+def load(path):
     """Load a model written by ``save_pretrained`` (or ``dijiang-export convert``)."""
     from pathlib import Path
+    from .model import DiJiangForCausalLM
     p = Path(path)
     if not (p / "config.json").exists():
         raise DiJiangError(f"{p} is not a converted model folder (no config.json)")
     return DiJiangForCausalLM.from_pretrained(p)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'dijiang_edge' has no attribute {name!r}")
 
 
 __all__ = ["convert", "load", "generate", "stream", "DiJiangForCausalLM", "ModelArgs",

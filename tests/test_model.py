@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dijiang_edge
-from dijiang_edge.convert import weight_map
+from dijiang_edge.conversion import weight_map
 from dijiang_edge.model import VARIANTS
 from conftest import ARCHS, rel_err
 

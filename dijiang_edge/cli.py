@@ -1,0 +1,173 @@
+"""``dijiang-export``: a thin command line over the Python API.
+
+Each subcommand parses its arguments and calls one public function; user errors
+(``DiJiangError``) print one line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import DiJiangError
+
+MODEL_HELP = ("a local Hugging Face model folder, a .gguf file, a converted or official DiJiang "
+              "checkpoint folder, or 'default' (the embedded SmolLM2-135M-Instruct)")
+
+
+def _quiet() -> None:
+    """Keep third-party start-up chatter (torchao, transformers) off the user's terminal."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("torchao", "transformers", "torch", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _convert_options(a: argparse.Namespace) -> dict:
+    return {"variant": a.variant, "chunk_size": a.chunk_size, "norm_groups": a.norm_groups}
+
+
+def _add_convert_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", default="official", choices=["official", "normalized", "normalized_gated"],
+                   help="DiJiang form: the paper's (GroupNorm + gate), normalized, or normalized with a gate")
+    p.add_argument("--chunk-size", type=int, default=64, help="chunk length of the prefill form")
+    p.add_argument("--norm-groups", type=int, default=0, help="GroupNorm groups (0 = one per head)")
+
+
+# -- subcommands ------------------------------------------------------------------
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    from .conversion import convert
+    from .exporters import staged_dir, tokenizer_source
+    from .tokenizer import save_tokenizer
+    t0 = time.time()
+    model = convert(a.model, **_convert_options(a))
+    with staged_dir(a.out, a.force) as tmp:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer_source(a.model, model), tmp)
+    st = model.init_state(1)
+    print(f"converted {model.args.source.get('name', a.model)} -> {a.out} "
+          f"({model.num_params() / 1e6:.1f}M params, variant {model.args.variant}, "
+          f"state {st.nbytes() / 1e6:.2f} MB per sequence at any length, {time.time() - t0:.1f}s)")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    if (Path(a.model) / "manifest.json").exists():
+        from .runtime import run_export_generate     # exported files: onnxruntime / executorch
+        run_export_generate(a)
+        return
+    import torch
+    from .conversion import convert
+    from .generation import stream
+    from .tokenizer import load_tokenizer, resolve_source
+    from .exporters import tokenizer_source
+    model = convert(a.model, **_convert_options(a))
+    src = resolve_source(tokenizer_source(a.model, model))
+    tok = load_tokenizer(src if src.is_dir() else src.parent)
+    ids = torch.tensor([tok.encode(a.prompt).ids])
+    torch.set_num_threads(a.threads) if a.threads else None
+    t0, n, out = time.time(), 0, []
+    print(a.prompt, end="", flush=True)
+    for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                       top_p=a.top_p, seed=a.seed):
+        out.append(int(t[0]))
+        n += 1
+        text = tok.decode(out)
+        print(text[len(tok.decode(out[:-1])):], end="", flush=True)
+    dt = time.time() - t0
+    print(f"\n[{n} tokens, {n / dt:.1f} tokens/s, PyTorch]", file=sys.stderr)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from .exporters import export
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    quants = [q.strip() for q in a.quant.split(",") if q.strip()]
+    m = export(a.model, a.out, formats, quants, force=a.force, convert_options=_convert_options(a))
+    for f in m["files"]:
+        print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} {f.get('role', ''):<8} {f.get('parity', {})}")
+    print(f"wrote {a.out}/manifest.json")
+
+
+def cmd_bench_attention(a: argparse.Namespace) -> None:
+    from .bench_attention import bench_prefill_forms
+    lengths = [int(x) for x in a.lengths.split(",")]
+    bench_prefill_forms(lengths, heads=a.heads, head_dim=a.head_dim, chunk_size=a.chunk_size,
+                        threads=a.threads, parallel_limit=a.parallel_limit)
+
+
+# -- parser -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dijiang-export",
+        description="Convert a Hugging Face causal LM to DiJiang linear attention (recurrent form, "
+                    "fixed-size state), export it to ONNX / ExecuTorch and check the files against PyTorch.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a model and save it (safetensors + tokenizer)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_convert_options(p)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text from a model or an exported folder")
+    p.add_argument("model", help=MODEL_HELP + ", or an export folder (with manifest.json)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = runtime default)")
+    p.add_argument("--format", default=None, help="for export folders: onnx or pte (default: the first file)")
+    p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (default: the first file)")
+    _add_convert_options(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="convert and export to ONNX and/or ExecuTorch, with parity checks")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output folder (files, tokenizer.json, manifest.json)")
+    p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
+    p.add_argument("--quant", default="fp32", help="comma list of: fp32, int8")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_convert_options(p)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench-attention", help="prefill time of the chunked vs the parallel form")
+    p.add_argument("--lengths", default="1024,4096,16384")
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--parallel-limit", type=int, default=16384,
+                   help="skip the parallel form above this length (it needs T^2 memory)")
+    p.set_defaults(fn=cmd_bench_attention)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except DiJiangError as e:
+        print(f"dijiang-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dijiang-export: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("dijiang-export: error: out of memory; try a shorter input or fewer threads", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
