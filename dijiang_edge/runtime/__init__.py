@@ -1,0 +1,109 @@
+"""Run exported folders without torch: onnxruntime for ``.onnx``, executorch for ``.pte``.
+
+A runner keeps one sequence's recurrent state and position between calls::
+
+    r = open_export("out/smollm2", format="onnx", quant="fp32")
+    logits = r.forward(np.array([[1, 2, 3]]))    # prefill, [1, T, V] float32
+    logits = r.forward(np.array([[4]]))          # decode one token, state carried
+    r.reset()                                     # start a new sequence
+
+Each format module provides ``open(folder, entry, threads) -> Runner``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from importlib import import_module
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from ..errors import DiJiangError
+
+RUNTIMES = {"onnx": "onnx", "pte": "executorch"}
+
+
+class Runner(Protocol):
+    entry: dict
+
+    def reset(self) -> None: ...
+
+    def forward(self, ids: np.ndarray) -> np.ndarray: ...
+
+
+def pick_entry(manifest: dict, format: str | None = None, quant: str | None = None,
+               role: str | None = None) -> dict:
+    """The manifest entry for ``format``/``quant`` (the first file when unspecified)."""
+    files = [f for f in manifest.get("files", [])
+             if (format is None or f["format"] == format) and (quant is None or f["quant"] == quant)
+             and (role is None or f.get("role") in (role, "both"))]
+    if not files:
+        have = ", ".join(f"{f['format']}/{f['quant']}" for f in manifest.get("files", [])) or "none"
+        raise DiJiangError(f"no exported file for format={format or 'any'} quant={quant or 'any'} "
+                           f"(the folder has: {have})")
+    return files[0]
+
+
+def open_export(folder: str | Path, format: str | None = None, quant: str | None = None,
+                threads: int = 0) -> Runner:
+    from ..exporters import read_manifest
+    manifest = read_manifest(folder)
+    entry = pick_entry(manifest, format, quant)
+    try:
+        mod = import_module(f".{RUNTIMES[entry['format']]}", __name__)
+    except ImportError as e:
+        raise DiJiangError(f"running {entry['format']} files needs {e.name}; install it "
+                           f"(`pip install onnxruntime` or `pip install executorch`)") from None
+    return mod.open(Path(folder), entry, manifest, threads)
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """Greedy (``temperature == 0``) or temperature/top-k sampling from ``[V]`` logits."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def stream_ids(runner: Runner, prompt: list[int], max_new_tokens: int, eos_ids: list[int],
+               temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Iterator[int]:
+    """Prefill ``prompt`` in one call, then decode one token per call."""
+    rng = np.random.default_rng(seed)
+    logits = runner.forward(np.asarray([prompt], dtype=np.int64))[0, -1]
+    for _ in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, rng)
+        yield tok
+        if tok in eos_ids:
+            return
+        logits = runner.forward(np.asarray([[tok]], dtype=np.int64))[0, -1]
+
+
+def run_export_generate(a) -> None:
+    """``dijiang-export generate DIR``: stream a continuation, then report tokens/s."""
+    from ..exporters import read_manifest
+    from ..tokenizer import load_tokenizer
+    manifest = read_manifest(a.model)
+    runner = open_export(a.model, a.format, a.quant, a.threads)
+    tok = load_tokenizer(a.model)
+    prompt = tok.encode(a.prompt).ids
+    eos = manifest["model"].get("eos_ids", [])
+    print(a.prompt, end="", flush=True)
+    out: list[int] = []
+    t0 = time.perf_counter()
+    t_first = None
+    for t in stream_ids(runner, prompt, a.max_new_tokens, eos, a.temperature, a.top_k, a.seed):
+        t_first = t_first or time.perf_counter()
+        out.append(t)
+        print(tok.decode(out)[len(tok.decode(out[:-1])):], end="", flush=True)
+    t1 = time.perf_counter()
+    n = len(out)
+    rate = (n - 1) / (t1 - t_first) if n > 1 and t_first else float("nan")
+    e = runner.entry
+    print(f"\n[{n} tokens; prefill {len(prompt)} tokens in {(t_first or t1) - t0:.2f}s; "
+          f"decode {rate:.1f} tokens/s; {e['format']} {e['quant']}]", file=sys.stderr)
