@@ -9,6 +9,9 @@ PY=${PYTHON:-python3}
 need_apt=()
 [ -f /usr/share/info/python3.11.info.gz ] || need_apt+=(python3.11-doc)
 # (more Debian packages are added below by the features that need them)
+# android_demo/run_jvm_tests.sh: kotlinc and JUnit 4 for the app's JVM unit tests
+command -v kotlinc >/dev/null 2>&1 || need_apt+=(kotlin)
+[ -f /usr/share/java/junit4.jar ] || need_apt+=(junit4)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
