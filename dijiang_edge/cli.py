@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel-limit", type=int, default=16384,
                    help="skip the parallel form above this length (it needs T^2 memory)")
     p.set_defaults(fn=cmd_bench_attention)
+
+    from .adapt.command import add_parser as add_adapt_parser
+    add_adapt_parser(sub, MODEL_HELP, _add_convert_options)
     return ap
 
 

@@ -1,0 +1,246 @@
+"""``adapt()``: evaluate, run the stages, write the adapted model and its report.
+
+Under ``accelerate launch`` every process runs this same function; Accelerate
+sets up the process group and wraps each stage's objective (DDP or FSDP, as the
+launch config says), and the main process alone writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import DiJiangError
+from .checkpoint import Checkpointer, set_rng_state
+from .config import AdaptConfig
+from .data import BatchOrder, Blocks, load_corpus, split_blocks, tokenize
+from .evaluate import layer_mse, perplexity
+from .lora import add_lora, has_lora, merge_lora
+from .models import load_pair, scratch_dir, tokenizer_folder
+from .objectives import FinetuneObjective, TransferObjective, is_new_param
+from .report import write_report
+from .teacher import AttentionTap, teacher_logits
+from .train import Budget, Loop, StageProgress
+
+FINGERPRINT_FIELDS = ("stages", "transfer_share", "seq_len", "batch_size", "transfer_lr", "finetune_lr",
+                      "finetune_mode", "lora_rank", "lora_alpha", "kl_weight", "warmup_steps", "grad_clip",
+                      "heldout_fraction", "eval_tokens", "seed")
+
+
+def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: AdaptConfig | None = None, *,
+          tokenizer: Any = None, teacher: Any = None, variant: str = "normalized_gated", chunk_size: int = 64,
+          norm_groups: int = 0, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          force: bool = False, keep_checkpoint: bool = False, notes: Sequence[str] = (),
+          on_step: Callable[[StageProgress], None] | None = None, cpu: bool = False) -> dict[str, Any]:
+    """Adapt ``model`` to DiJiang attention on the text of ``data``; write it to ``out``.
+
+    ``model``: as for ``convert`` ("default", a folder, a .gguf, a transformers model,
+    or an already converted folder whose source model is the teacher).  Returns the
+    report (also in ``out/report.json``).  ``on_step`` is called after every step.
+    """
+    return Adaptation(model, data, out, config or AdaptConfig(token_budget=100_000), tokenizer=tokenizer,
+                      teacher=teacher, convert_options=dict(variant=variant, chunk_size=chunk_size,
+                                                            norm_groups=norm_groups),
+                      checkpoint_dir=checkpoint_dir, resume=resume, force=force, keep_checkpoint=keep_checkpoint,
+                      notes=list(notes), on_step=on_step, cpu=cpu).run()
+
+
+class Adaptation:
+    def __init__(self, model, data, out, cfg: AdaptConfig, *, tokenizer, teacher, convert_options,
+                 checkpoint_dir, resume, force, keep_checkpoint, notes, on_step, cpu):
+        self.t0 = time.time()
+        self.cfg, self.out, self.force, self.resume = cfg, Path(out), force, resume
+        self.keep_checkpoint, self.notes, self.on_step = keep_checkpoint, notes, on_step
+        self.data = [str(d) for d in data]
+        if self.out.exists() and not force:
+            raise DiJiangError(f"{self.out} already exists; choose another --out or pass --force to replace it")
+        text = load_corpus(data, cfg.max_chars)          # bad text fails before any model loads
+        from accelerate import Accelerator
+        # without a GPU, cpu=True is what lets `accelerate launch` form a gloo process group
+        self.acc = Accelerator(cpu=cpu or not torch.cuda.is_available())
+        self.teacher, self.student = load_pair(model, teacher, **convert_options)
+        self.teacher.eval().requires_grad_(False).to(self.acc.device)
+        self.student.eval().to(self.acc.device)
+        self.scratch = scratch_dir()
+        self.tok_dir = tokenizer_folder(model, self.student, tokenizer, Path(self.scratch.name))
+        from ..tokenizer import load_tokenizer
+        self.blocks = self._blocks(tokenize(text, load_tokenizer(self.tok_dir)))
+        self.tap = AttentionTap(self.teacher)
+        self.ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else Path(f"{self.out}-checkpoint"),
+                                 self._fingerprint())
+        self.evals: dict[str, dict[str, float]] = {"perplexity": {}, "layer_mse": {}}
+        self.progress = {s: StageProgress(s) for s in cfg.stages}
+        self.eval_seconds = 0.0
+
+    # -- setup ------------------------------------------------------------------
+    def _blocks(self, ids: torch.Tensor) -> Blocks:
+        if int(ids.max()) >= self.student.args.vocab_size:
+            raise DiJiangError(f"the tokenizer gives ids up to {int(ids.max())} but the model has "
+                               f"{self.student.args.vocab_size} embeddings; use the model's own tokenizer")
+        return split_blocks(ids, self.cfg.seq_len, self.cfg.heldout_fraction, self.cfg.eval_tokens)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        fp = {k: getattr(self.cfg, k) for k in FINGERPRINT_FIELDS}
+        fp["stages"] = list(self.cfg.stages)
+        fp["model"] = self.student.args.source.get("name", "")
+        fp["variant"] = self.student.args.variant
+        fp["data_sha256"] = hashlib.sha256(self.blocks.train.numpy().tobytes()).hexdigest()[:16]
+        return fp
+
+    # -- the run ----------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        blob = self._checkpoint_to_resume()
+        if blob:
+            self.evals = blob["run"]["evals"]
+            for s, d in blob["run"]["stages"].items():
+                self.progress[s] = StageProgress(**d)
+        self._measure("perplexity", "original", lambda: self._ppl(self._teacher_logits))
+        self._measure("perplexity", "converted", lambda: self._ppl(self._student_logits))
+        if "transfer" in self.cfg.stages:
+            self._measure("layer_mse", "converted", self._layer_mse)
+        current = blob["run"]["current"] if blob else None
+        for stage in self.cfg.stages:
+            if current and self.cfg.stages.index(stage) < self.cfg.stages.index(current):
+                continue                                  # finished before the checkpoint
+            self._stage(stage, blob if stage == current else None)
+        return self._finish()
+
+    def _checkpoint_to_resume(self) -> dict | None:
+        if self.resume:
+            return self.ckpt.load()
+        if self.ckpt.exists() and not self.force:
+            raise DiJiangError(f"{self.ckpt.path} holds an interrupted run; pass --resume to continue it, "
+                               "or --force to start over")
+        return None
+
+    def _measure(self, kind: str, key: str, fn: Callable[[], float]) -> None:
+        if key not in self.evals[kind]:
+            t = time.time()
+            self.evals[kind][key] = fn()
+            self.eval_seconds += time.time() - t
+
+    def _ppl(self, logits_of) -> float:
+        return perplexity(logits_of, self.blocks.heldout, self.cfg.eval_batch, self.acc)
+
+    def _layer_mse(self) -> float:
+        return layer_mse(self.student, self.tap, self.blocks.heldout, self.cfg.eval_batch, self.acc)
+
+    def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return teacher_logits(self.teacher, ids)
+
+    def _student_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.student(ids)[0]
+
+    # -- one stage --------------------------------------------------------------
+    def _stage(self, stage: str, blob: dict | None) -> None:
+        cfg, student, p = self.cfg, self.student, self.progress[stage]
+        objective, lr = self._objective(stage)
+        opt = torch.optim.AdamW([q for q in student.parameters() if q.requires_grad], lr=lr,
+                                betas=(0.9, 0.95), weight_decay=0.0)
+        if blob:
+            self._restore(blob, opt)
+        model, opt = self.acc.prepare(objective, opt)
+        save = lambda: self._save(stage, opt)        # noqa: E731
+        if not p.done:
+            share = cfg.share(stage)
+            budget = Budget(int(cfg.token_budget * share) or None, cfg.time_budget * share or None)
+            loop = Loop(self.acc, self.blocks.train, BatchOrder(len(self.blocks.train), cfg.batch_size, cfg.seed),
+                        cfg.batch_size, budget, lr, cfg.warmup_steps, cfg.grad_clip,
+                        ("loss",) if stage == "transfer" else ("loss", "ce", "kl"), save,
+                        cfg.checkpoint_steps, cfg.checkpoint_minutes * 60, cfg.log_seconds, self.on_step)
+            if stage == "transfer":
+                with self.tap.hooked():
+                    loop.run(p, model, opt, lambda ids: model(*self.tap.run(ids))[None])
+            else:
+                loop.run(p, model, opt, lambda ids: model(ids, self._teacher_logits(ids)))
+            save()
+        self._measure("perplexity", f"after_{stage}", lambda: self._ppl(self._student_logits))
+        if stage == "transfer":
+            self._measure("layer_mse", "after_transfer", self._layer_mse)
+        if stage != cfg.stages[-1]:
+            save()
+        del model, opt, objective
+        self.acc.free_memory()
+
+    def _objective(self, stage: str) -> tuple[torch.nn.Module, float]:
+        """The stage's loss module, with exactly its parameters trainable."""
+        cfg, student = self.cfg, self.student
+        if stage == "transfer":
+            train = is_new_param
+            objective, lr = TransferObjective(student), cfg.transfer_lr
+        else:
+            if cfg.finetune_mode == "lora" and not has_lora(student):
+                add_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+            train = (lambda n: True) if cfg.finetune_mode == "full" else \
+                (lambda n: is_new_param(n) or ".parametrizations.weight.0." in n)
+            objective, lr = FinetuneObjective(student, cfg.kl_weight), cfg.finetune_lr
+        for n, q in student.named_parameters():
+            q.requires_grad_(bool(train(n)))
+        return objective, lr
+
+    # -- checkpoints --------------------------------------------------------------
+    def _changed_params(self) -> dict[str, torch.Tensor]:
+        return {n: q for n, q in self.student.named_parameters() if q.requires_grad or is_new_param(n)}
+
+    def _save(self, stage: str, opt: Any) -> None:
+        if self.acc.is_main_process:
+            run = {"evals": self.evals, "current": stage,
+                   "stages": {s: p.to_dict() for s, p in self.progress.items()}}
+            self.ckpt.save(run, self._changed_params(), opt)
+        self.acc.wait_for_everyone()
+
+    def _restore(self, blob: dict, opt: torch.optim.Optimizer) -> None:
+        params = {k: v.to(self.acc.device) for k, v in blob["params"].items()}
+        missing = set(params) - set(dict(self.student.named_parameters()))
+        if missing:
+            raise DiJiangError(f"the checkpoint has parameters this model lacks ({sorted(missing)[:3]})")
+        self.student.load_state_dict(params, strict=False)
+        if blob["optimizer"] is not None:
+            opt.load_state_dict(blob["optimizer"])
+        set_rng_state(blob["rng"])
+
+    # -- output -------------------------------------------------------------------
+    def _finish(self) -> dict[str, Any]:
+        from ..exporters import staged_dir
+        report = self._report()
+        if self.acc.is_main_process:
+            merge_lora(self.student)
+            with staged_dir(self.out, self.force) as tmp:
+                self.student.cpu().save_pretrained(tmp)
+                for f in Path(self.tok_dir).iterdir():
+                    shutil.copy2(f, tmp / f.name)
+                write_report(tmp, report)
+            if not self.keep_checkpoint:
+                self.ckpt.remove()
+        self.acc.wait_for_everyone()
+        self.scratch.cleanup()
+        return report
+
+    def _device_name(self) -> str:
+        if self.acc.device.type == "cuda":
+            return f"{self.acc.num_processes} x {torch.cuda.get_device_name(self.acc.device)}"
+        return str(self.acc.device)
+
+    def _report(self) -> dict[str, Any]:
+        dev = str(self.acc.device)
+        notes = ([f"no GPU: ran on the CPU ({torch.get_num_threads()} thread(s) per process)"]
+                 if self.acc.device.type == "cpu" else [f"ran on {self._device_name()}"]) + self.notes
+        stages = {}
+        for s, p in self.progress.items():
+            c = p.curve
+            stages[s] = {"steps": p.step, "tokens": p.tokens, "seconds": round(p.seconds, 2),
+                         "tokens_per_s": p.tokens / max(p.seconds, 1e-9),
+                         "first_loss": c[0]["loss"] if c else float("nan"),
+                         "last_loss": c[-1]["loss"] if c else float("nan")}
+        return {"model": self.student.args.source.get("name", ""), "variant": self.student.args.variant,
+                "data": self.data, "tokens": {"train": self.blocks.train.numel(), "heldout": self.blocks.heldout.numel()},
+                "config": self.cfg.to_dict(), "world_size": self.acc.num_processes, "device": dev,
+                "resumed": self.resume, **self.evals, "stages": stages,
+                "curves": {s: p.curve for s, p in self.progress.items()},
+                "eval_seconds": round(self.eval_seconds, 2), "total_seconds": round(time.time() - self.t0, 2),
+                "notes": notes}

@@ -1,0 +1,45 @@
+"""Held-out figures, each process scoring its share of the blocks and the sums
+reduced, so the result does not depend on how many processes ran."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .objectives import layer_attention
+from .teacher import AttentionTap
+
+
+def _my_blocks(blocks: torch.Tensor, acc) -> torch.Tensor:
+    return blocks[acc.process_index::acc.num_processes]
+
+
+@torch.no_grad()
+def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch: int, acc) -> float:
+    """exp(mean next-token NLL) over every held-out block."""
+    sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    for chunk in _my_blocks(blocks, acc).split(batch):
+        chunk = chunk.to(acc.device)
+        lp = F.log_softmax(logits_of(chunk)[:, :-1].float(), -1)
+        sums[0] += F.nll_loss(lp.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").double()
+        sums[1] += chunk[:, 1:].numel()
+    sums = acc.reduce(sums, "sum")
+    return math.exp(float(sums[0] / sums[1]))
+
+
+@torch.no_grad()
+def layer_mse(student, tap: AttentionTap, blocks: torch.Tensor, batch: int, acc) -> float:
+    """Mean over layers of ||student attn - teacher attn||^2 / ||teacher attn||^2 (0 = exact)."""
+    n = student.args.n_layers
+    sums = torch.zeros(2, n, dtype=torch.float64, device=acc.device)
+    with tap.hooked():
+        for chunk in _my_blocks(blocks, acc).split(batch):
+            xs, ys = tap.run(chunk.to(acc.device))
+            for i, (o, y) in enumerate(zip(layer_attention(student, xs), ys)):
+                sums[0, i] += (o.double() - y.double()).pow(2).sum()
+                sums[1, i] += y.double().pow(2).sum()
+    sums = acc.reduce(sums, "sum")
+    return float((sums[0] / sums[1].clamp_min(1e-30)).mean())

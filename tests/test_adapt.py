@@ -1,0 +1,165 @@
+"""Adaptation on a tiny model and real text: each stage does its job, a killed run
+resumes to the same result, two processes (gloo) compute what one does, and bad
+inputs fail with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import rel_err, tiny_hf
+from dijiang_edge.adapt import AdaptConfig, adapt
+from dijiang_edge.cli import main as cli_main
+from dijiang_edge.errors import DiJiangError
+from dijiang_edge.model import DiJiangForCausalLM
+from dijiang_edge.text import sample_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SmolLM2-shaped model folder with a 97-token BPE trained on Shakespeare, and the text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("adapt")
+    text = sample_text("shakespeare", 30_000)
+    (root / "train.txt").write_text(text)
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=97, special_tokens=["[UNK]"], limit_alphabet=60))
+    _pretrain(tiny_hf("smollm2"), torch.tensor(tok.encode(text).ids)).save_pretrained(root / "model")
+    tok.save(str(root / "model" / "tokenizer.json"))
+    return root
+
+
+def _pretrain(model, ids, steps=80, seq=32, batch=8):
+    """A second of training so the teacher knows the text better than chance (a random
+    teacher has nothing to distil, and its attention outputs are too small to matter)."""
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, ids.numel() - seq, (batch,), generator=g)
+        x = torch.stack([ids[s:s + seq] for s in starts])
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def _cfg(**kw) -> AdaptConfig:
+    base = dict(seq_len=32, batch_size=4, eval_tokens=256, eval_batch=4, log_seconds=1e9, warmup_steps=2,
+                checkpoint_minutes=0)
+    return AdaptConfig(**{**base, **kw})
+
+
+def _run(tiny, out, cfg, **kw):
+    return adapt(str(tiny / "model"), [str(tiny / "train.txt")], tiny / out, cfg, **kw)
+
+
+@pytest.mark.parametrize("variant,ratio", [("official", 0.5), ("normalized_gated", 0.95)])
+def test_transfer_lowers_layer_mse_and_trains_only_new_params(tiny, variant, ratio):
+    out = f"transfer-{variant}"
+    r = _run(tiny, out, _cfg(stages="transfer", token_budget=40 * 128), variant=variant)
+    assert r["layer_mse"]["after_transfer"] < ratio * r["layer_mse"]["converted"]
+    new = load_file(str(tiny / out / "model.safetensors"))
+    src = load_file(str(tiny / "model" / "model.safetensors"))
+    assert torch.equal(new["layers.0.attn.q_proj.weight"], src["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(new["layers.1.mlp.down_proj.weight"], src["model.layers.1.mlp.down_proj.weight"])
+    init = DiJiangForCausalLM.from_pretrained(tiny / out).args   # the new parameters did move
+    assert not torch.equal(new["layers.0.attn.decay_logit"], _converted(tiny, init.variant)["layers.0.attn.decay_logit"])
+    assert not torch.equal(new["layers.0.attn.gate.weight"], _converted(tiny, init.variant)["layers.0.attn.gate.weight"])
+
+
+def _converted(tiny, variant):
+    from dijiang_edge.conversion import convert
+    return convert(str(tiny / "model"), variant=variant).state_dict()
+
+
+@pytest.mark.parametrize("mode,lr", [("full", 3e-3), ("lora", 1e-2)])
+def test_finetune_lowers_loss_and_output_loads(tiny, mode, lr):
+    out = f"finetune-{mode}"
+    r = _run(tiny, out, _cfg(stages="finetune", token_budget=30 * 128, finetune_mode=mode, finetune_lr=lr))
+    curve = r["curves"]["finetune"]
+    first, last = ({k: sum(c[k] for c in part) for k in ("loss", "ce", "kl")} for part in (curve[:5], curve[-5:]))
+    assert last["loss"] < 0.9 * first["loss"] and last["kl"] < 0.9 * first["kl"] and last["ce"] < first["ce"]
+    assert r["perplexity"]["after_finetune"] < r["perplexity"]["converted"]
+    model = DiJiangForCausalLM.from_pretrained(tiny / out)          # what `dijiang-export export` reads
+    assert not any("parametrizations" in k for k in model.state_dict())
+    for f in ("tokenizer.json", "report.json", "report.md", "loss_curve.png", "config.json"):
+        assert (tiny / out / f).exists(), f
+
+
+def test_kill_and_resume_gives_the_same_final_loss(tiny):
+    cfg = dict(token_budget=24 * 128, transfer_share=0.25, checkpoint_steps=4, finetune_lr=3e-3)
+    whole = _run(tiny, "whole", _cfg(**cfg))
+
+    def kill(p):                      # dies after finetune step 6: steps 5-6 are lost, redone on resume
+        if p.stage == "finetune" and p.step == 6:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, "resumed", _cfg(**cfg), on_step=kill)
+    assert not (tiny / "resumed").exists() and (tiny / "resumed-checkpoint" / "checkpoint.pt").exists()
+    with pytest.raises(DiJiangError, match="--resume"):
+        _run(tiny, "resumed", _cfg(**cfg))
+    resumed = _run(tiny, "resumed", _cfg(**cfg), resume=True)
+    assert resumed["stages"]["finetune"]["steps"] == whole["stages"]["finetune"]["steps"]
+    assert resumed["curves"]["finetune"][-1]["loss"] == pytest.approx(whole["curves"]["finetune"][-1]["loss"], rel=1e-6)
+    assert resumed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    a, b = (load_file(str(tiny / d / "model.safetensors")) for d in ("whole", "resumed"))
+    assert max(rel_err(b[k], a[k]) for k in a) < 1e-5
+    assert not (tiny / "resumed-checkpoint").exists()
+
+
+def _cli_args(tiny, out):
+    return ["adapt", str(tiny / "model"), "--data", str(tiny / "train.txt"), "--out", str(tiny / out),
+            "--token-budget", str(8 * 128), "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "256",
+            "--transfer-share", "0.5", "--finetune", "full", "--finetune-lr", "3e-3", "--threads", "1"]
+
+
+def test_two_processes_compute_what_one_does(tiny):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "dijiang_edge.cli"] + _cli_args(tiny, "two")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert cli_main(_cli_args(tiny, "one")) == 0
+    one, two = (json.loads((tiny / d / "report.json").read_text()) for d in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for stage in ("transfer", "finetune"):
+        l1, l2 = ([c["loss"] for c in r["curves"][stage]] for r in (one, two))
+        assert len(l1) == len(l2) == 4
+        assert l2 == pytest.approx(l1, rel=1e-5)
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+    a, b = (load_file(str(tiny / d / "model.safetensors")) for d in ("one", "two"))
+    # atol: the zero-initialised gate's first Adam steps are ~sign(grad), so float noise shows there
+    assert all(torch.allclose(b[k], a[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+def test_bad_inputs_fail_clearly(tiny, capsys):
+    with pytest.raises(DiJiangError, match="does not exist"):
+        adapt(str(tiny / "model"), [str(tiny / "missing.txt")], tiny / "x", _cfg(token_budget=100))
+    (tiny / "empty.txt").write_text("  \n")
+    with pytest.raises(DiJiangError, match="empty"):
+        adapt(str(tiny / "model"), [str(tiny / "empty.txt")], tiny / "x", _cfg(token_budget=100))
+    (tiny / "short.txt").write_text("To be, or not to be.")
+    with pytest.raises(DiJiangError, match="tokens"):
+        adapt(str(tiny / "model"), [str(tiny / "short.txt")], tiny / "x", _cfg(token_budget=100))
+    with pytest.raises(DiJiangError, match="budget"):
+        _cfg()
+    with pytest.raises(DiJiangError, match="nothing to resume"):
+        _run(tiny, "x", _cfg(token_budget=100), resume=True)
+    assert cli_main(["adapt", str(tiny / "model"), "--data", str(tiny / "nope"), "--out", str(tiny / "x"),
+                     "--token-budget", "1k"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tiny / "x").exists()
