@@ -86,8 +86,9 @@ def projection_matrix(d: int, t: Tensor | None = None) -> Tensor:
 
 
 def feature_map(x: Tensor, proj: Tensor) -> Tensor:
-    """``phi(x) = softmax(x @ P)`` over the last (feature) axis, in float32."""
-    return torch.softmax(x.float() @ proj.float(), dim=-1)
+    """``phi(x) = softmax(x @ P)`` over the last (feature) axis, in float32 (or wider)."""
+    dt = torch.promote_types(torch.promote_types(x.dtype, proj.dtype), torch.float32)
+    return torch.softmax(x.to(dt) @ proj.to(dt), dim=-1)
 
 
 # ----------------------------------------------------------------------------
@@ -145,11 +146,12 @@ def parallel_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
     cum = log_gate.double().cumsum(-1)                               # [B, H, T]
     diff = cum[..., :, None] - cum[..., None, :]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    decay = diff.masked_fill(~causal, float("-inf")).exp().float()
+    dt = q.dtype
+    decay = diff.masked_fill(~causal, float("-inf")).exp().to(dt)
     scores = (q @ k.transpose(-1, -2)) * decay * beta[..., None, :]
-    o = scores @ v + cum.exp().float()[..., None] * (q @ s0)
-    w_end = ((cum[..., -1:] - cum).exp().float() * beta)[..., None]  # [B, H, T, 1]
-    s = cum[..., -1].exp().float()[..., None, None] * s0 + (k * w_end).transpose(-1, -2) @ v
+    o = scores @ v + cum.exp().to(dt)[..., None] * (q @ s0)
+    w_end = ((cum[..., -1:] - cum).exp().to(dt) * beta)[..., None]   # [B, H, T, 1]
+    s = cum[..., -1].exp().to(dt)[..., None, None] * s0 + (k * w_end).transpose(-1, -2) @ v
     return o, s
 
 

@@ -211,7 +211,8 @@ def from_official(folder: Path, cfg: Any, sd: dict[str, torch.Tensor]) -> DiJian
     Its attention is ``o_n = sum_j (D1[n] phi(q_n)) . (D2[j] phi(k_j)) v_j``; with
     ``S'_n = D1[n] sum_j D2[j] k_j^T v_j`` that is the recurrence with per-position
     gate ``D1[n]/D1[n-1]`` and input scale ``D1[n] D2[n]`` (positions past the
-    trained table reuse its last entry).  GroupNorm keeps the official grouping.
+    trained table use the table's mean decay, capped at 1 so the state cannot grow
+    without bound, and its mean input scale).  GroupNorm keeps the official grouping.
     """
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
     args = args_from_config(cfg)
@@ -244,14 +245,20 @@ def from_official(folder: Path, cfg: Any, sd: dict[str, torch.Tensor]) -> DiJian
 
 
 def official_gates(d1: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log(D1[n]/D1[n-1]), D1[n] D2[n])`` as ``[H, L]`` float32, computed in float64."""
+    """``(log(D1[n]/D1[n-1]), D1[n] D2[n])`` as ``[H, L + 1]`` float32, computed in float64;
+    column ``L`` holds the values used past the table."""
     d1, d2 = d1.double().reshape(d1.shape[1], -1), d2.double().reshape(d2.shape[1], -1)
     if (d1 <= 0).any():
         raise DiJiangError("official checkpoint has non-positive D1 entries; cannot form the recurrent gate")
     ld1 = d1.log()
-    lg = torch.zeros_like(ld1)
-    lg[:, 1:] = ld1[:, 1:] - ld1[:, :-1]
-    return lg.float(), (d1 * d2).float()
+    h, n = ld1.shape
+    lg = torch.zeros(h, n + 1, dtype=torch.float64)
+    lg[:, 1:n] = ld1[:, 1:] - ld1[:, :-1]
+    lg[:, n] = lg[:, 1:n].mean(-1).clamp(max=0.0) if n > 1 else 0.0
+    beta = torch.ones(h, n + 1, dtype=torch.float64)
+    beta[:, :n] = d1 * d2
+    beta[:, n] = beta[:, :n].mean(-1)
+    return lg.float(), beta.float()
 
 
 # ----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
@@ -177,9 +177,9 @@ class DiJiangAttention(nn.Module):
             self.o_proj = nn.Linear(h * d, a.hidden_size, bias=a.o_bias)
         self.register_buffer("proj", A.projection_matrix(d))          # frozen P = C @ T
         self.decay_logit = nn.Parameter(_logit_of_log(A.default_log_decay(h)))
-        if a.pos_table_len:
-            self.register_buffer("pos_log_gate", torch.zeros(h, a.pos_table_len))
-            self.register_buffer("pos_beta", torch.ones(h, a.pos_table_len))
+        if a.pos_table_len:   # imported per-position gates; the extra last column serves all later positions
+            self.register_buffer("pos_log_gate", torch.zeros(h, a.pos_table_len + 1))
+            self.register_buffer("pos_beta", torch.ones(h, a.pos_table_len + 1))
         if a.variant in ("official", "normalized_gated"):
             self.gate = nn.Linear(a.hidden_size, a.v_dim, bias=False)
         if a.variant == "official":
@@ -207,7 +207,7 @@ class DiJiangAttention(nn.Module):
     def gates(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token ``log_gate, beta`` ``[B, H, T]``; invisible (0, 0) where not ``valid``."""
         if self.a.pos_table_len:
-            idx = positions.clamp(0, self.a.pos_table_len - 1)
+            idx = positions.clamp(0, self.a.pos_table_len)
             lg = self.pos_log_gate[:, idx].permute(1, 0, 2)
             beta = self.pos_beta[:, idx].permute(1, 0, 2)
         else:
@@ -223,7 +223,7 @@ class DiJiangAttention(nn.Module):
         k = apply_rope(k, cos, sin, self.a.rotary_dim)
         q = A.feature_map(q, self.proj).transpose(1, 2)
         k = A.feature_map(k, self.proj).transpose(1, 2)
-        v = v.float().transpose(1, 2)
+        v = v.to(q.dtype).transpose(1, 2)
         rep = self.a.n_heads // self.a.n_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -308,8 +308,8 @@ class DiJiangForCausalLM(nn.Module):
         return (batch, self.args.n_heads, self.args.head_dim, self.state_dv)
 
     def init_state(self, batch: int = 1) -> RecurrentState:
-        dev = self.embed.weight.device
-        layers = [torch.zeros(self.state_shape(batch), device=dev) for _ in self.layers]
+        dev, dt = self.embed.weight.device, self.layers[0].attn.proj.dtype   # float32 unless .double()
+        layers = [torch.zeros(self.state_shape(batch), device=dev, dtype=dt) for _ in self.layers]
         return RecurrentState(layers, torch.zeros(batch, dtype=torch.long, device=dev))
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:

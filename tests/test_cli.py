@@ -1,0 +1,68 @@
+"""The command line: help text, one-line errors with a non-zero exit on bad input,
+and convert -> generate on a tiny model."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dijiang_edge.cli import main
+from conftest import tiny_hf
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "dijiang_edge.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("convert", "generate", "export", "bench-attention"):
+        assert cmd in out.stdout
+
+
+def test_missing_path_is_one_line_error(capsys, tmp_path):
+    code, err = _run(capsys, "convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no model at" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_that_is_not_a_model(capsys, tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    code, err = _run(capsys, "convert", str(tmp_path / "junk"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "not a model folder" in err
+
+
+def test_unsupported_architecture_names_supported_ones(capsys, tmp_path):
+    import transformers as T
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    code, err = _run(capsys, "convert", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "'gpt2' is not supported" in err and "llama" in err and "gpt_neox" in err
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + bytes(100))
+    code, err = _run(capsys, "convert", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and "could not read GGUF file" in err and len(err.splitlines()) == 1
+
+
+def test_convert_then_generate_and_refuse_existing_out(capsys, tmp_path):
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "src")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    out = tmp_path / "conv"
+    code, _ = _run(capsys, "convert", str(tmp_path / "src"), "--out", str(out), "--variant", "normalized")
+    assert code == 0 and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    code, err = _run(capsys, "convert", str(tmp_path / "src"), "--out", str(out))
+    assert code == 2 and "--force" in err
+    code = main(["generate", str(out), "--prompt", "w5 w6 w7", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert code == 0 and "5 tokens" in captured.err and captured.out.startswith("w5 w6 w7")
