@@ -1,0 +1,110 @@
+"""ONNX weight quantization and file layout.
+
+* ``quantize``: onnxruntime's own tools -- ``int8`` (8-bit block-quantized
+  ``MatMulNBits``, symmetric, block 32 -- the method chosen by measurement, see
+  ``QUANTS``), ``int8_dynamic`` (per-channel int8 ``DynamicQuantizeMatMul``) and
+  ``int4`` (4-bit ``MatMulNBits``).
+* ``pack``: the graphs of one quantization share one weights file, each distinct
+  tensor stored once (found by content), so a prefill and a decode graph cost the
+  disk of one model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+
+from ..errors import DiJiangError
+
+# quant name -> (method, options).  "int8" is the default int8 recipe; see the report
+# of `python -m dijiang_edge.onnx_bench quant` for the accuracy/speed measurements.
+QUANTS = {
+    "fp32": ("none", {}),
+    "int8": ("nbits", {"bits": 8, "block_size": 32}),
+    "int8_dynamic": ("dynamic", {}),
+    "int4": ("nbits", {"bits": 4, "block_size": 32}),
+}
+MIN_EXTERNAL = 1024      # initializers smaller than this stay inside the graph file
+
+
+@contextlib.contextmanager
+def quiet_logs():
+    """onnxruntime's quantizer sets the root logger to INFO on import and logs every node:
+    keep its chatter off the terminal and the caller's logging as it was."""
+    root = logging.getLogger()
+    level = root.level
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise DiJiangError(f"unknown ONNX quantization {quant!r}; choose from {', '.join(QUANTS)}")
+
+
+def lm_head_nodes(mp, vocab: int) -> list[str]:
+    """Names of the MatMul nodes whose constant weight ends in the vocabulary (the head)."""
+    shapes = {t.name: list(t.dims) for t in mp.graph.initializer}
+    return [n.name for n in mp.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+            and shapes.get(n.input[1], [0])[-1] == vocab]
+
+
+def quantize(mp, quant: str, vocab: int, keep_head: bool = False):
+    """``mp`` (fp32 ``ModelProto``) with its MatMul weights quantized as ``quant`` says."""
+    check_quant(quant)
+    method, o = QUANTS[quant]
+    exclude = lm_head_nodes(mp, vocab) if keep_head else []
+    if method == "none":
+        return mp
+    if method == "nbits":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        q = MatMulNBitsQuantizer(mp, bits=o["bits"], block_size=o["block_size"], is_symmetric=True,
+                                 nodes_to_exclude=exclude)
+        q.process()
+        return q.model.model
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        onnx.save(mp, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+        return onnx.load(dst)
+
+
+def _raw(t) -> bytes:
+    if not t.HasField("raw_data"):
+        from onnx import numpy_helper
+        arr = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return t.raw_data
+
+
+def pack(models: dict[str, object], folder: Path, data_name: str) -> None:
+    """Save ``{path: ModelProto}`` (paths in ``data_name``'s folder) into ``folder`` with every initializer of at least
+    ``MIN_EXTERNAL`` bytes in ``data_name``, identical tensors written once."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+    index: dict[tuple, tuple[int, int]] = {}
+    location = Path(data_name).name                   # relative to the graphs, which sit beside it
+    with open(folder / data_name, "wb") as f:
+        for name, mp in models.items():
+            for t in mp.graph.initializer:
+                raw = _raw(t)
+                if len(raw) < MIN_EXTERNAL:
+                    continue
+                key = (hashlib.sha256(raw).digest(), t.data_type, tuple(t.dims))
+                if key not in index:
+                    f.write(b"\0" * (-f.tell() % 64))            # aligned for mmap
+                    index[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                set_external_data(t, location, *index[key])
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save(mp, folder / name)

@@ -1,0 +1,124 @@
+"""Run an exported ONNX folder with onnxruntime and numpy only (no torch).
+
+An export holds, per quantization, a prefill graph (``role: prefill``, any ``seq``),
+a decode graph (``role: decode``, ``seq == 1``) and/or one graph for both; they share
+one weights file.  ``OnnxRunner`` carries the recurrent state between calls, feeds
+long prompts in blocks of the manifest's ``prefill_block`` tokens (each block is one
+exact chunk of the chunked form) and decodes one token per call.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DiJiangError
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with builtins.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(folder: Path, entry: dict) -> None:
+    """Refuse a missing, truncated or modified file before onnxruntime reads it."""
+    for rel, want in entry.get("checksums", {}).items():
+        p = folder / rel
+        if not p.exists():
+            raise DiJiangError(f"{p} is missing from the export folder; re-export it with `dijiang-export export`")
+        if p.stat().st_size != want["bytes"]:
+            raise DiJiangError(f"{p} is {p.stat().st_size} bytes but the manifest says {want['bytes']}: "
+                               f"the file is truncated or damaged; re-export the folder")
+        if sha256(p) != want["sha256"]:
+            raise DiJiangError(f"{p} does not match its sha256 in manifest.json: the file was modified "
+                               f"or damaged; re-export the folder")
+
+
+def session(folder: Path, entry: dict, threads: int = 0, verify: bool = True, spin: bool = True):
+    """An ``onnxruntime.InferenceSession`` for ``entry``, with damaged files refused clearly.
+
+    ``spin=False`` stops idle worker threads from busy-waiting: needed when the process
+    alternates onnxruntime with other work (PyTorch in the parity checks)."""
+    import onnxruntime as ort
+    if verify:
+        verify_files(folder, entry)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    path = folder / entry["path"]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise DiJiangError(f"onnxruntime could not load {path} ({type(e).__name__}: {str(e)[:200]}); "
+                           f"the file is damaged or not a dijiang-export file: re-export the folder") from None
+
+
+def companion(manifest: dict, entry: dict, role: str) -> dict:
+    """The file that serves ``role`` beside ``entry``: itself, else the default of its quant."""
+    if entry.get("role") in (role, "both"):
+        return entry
+    same = [f for f in manifest["files"] if f["format"] == entry["format"] and f["quant"] == entry["quant"]
+            and f.get("role") in (role, "both")]
+    same.sort(key=lambda f: not f.get("default", False))
+    if not same:
+        raise DiJiangError(f"the folder has no {role} file for onnx/{entry['quant']}; re-export it")
+    return same[0]
+
+
+class OnnxRunner:
+    """One sequence: ``forward(ids [B, T]) -> logits [B, T, V]``, state carried between calls."""
+
+    def __init__(self, folder: Path, entry: dict, manifest: dict, threads: int = 0, verify: bool = True,
+                 spin: bool = True):
+        self.entry, self.manifest = entry, manifest
+        self.prefill_entry = companion(manifest, entry, "prefill")
+        self.decode_entry = companion(manifest, entry, "decode")
+        self.prefill = session(folder, self.prefill_entry, threads, verify, spin)
+        self.decode = self.prefill if self.decode_entry is self.prefill_entry else \
+            session(folder, self.decode_entry, threads, verify, spin)
+        self.block = int(self.prefill_entry.get("prefill_block", 0)) or 1 << 30
+        self.state_names = [s["name"] for s in entry["inputs"]["state"]]
+        self.state_shape = list(entry["inputs"]["state"][0]["shape"][1:])
+        self.reset()
+
+    def reset(self, batch: int = 1) -> None:
+        """Start a new sequence: zero state, position 0."""
+        self.state = [np.zeros([batch, *self.state_shape], np.float32) for _ in self.state_names]
+        self.pos = 0
+
+    def _run(self, sess, ids: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": ids, "start_pos": np.array([self.pos], np.int64)}
+        feed.update(zip(self.state_names, self.state))
+        out = sess.run(None, feed)
+        self.state, self.pos = out[1:], self.pos + ids.shape[1]
+        return out[0]
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise DiJiangError(f"input ids must have shape [batch, seq>0], got {list(ids.shape)}")
+        if self.pos == 0 and ids.shape[0] != self.state[0].shape[0]:
+            self.reset(ids.shape[0])
+        if ids.shape[1] == 1:
+            return self._run(self.decode, ids)
+        parts = [self._run(self.prefill, ids[:, i:i + self.block]) for i in range(0, ids.shape[1], self.block)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def open(folder: Path, entry: dict, manifest: dict, threads: int = 0) -> OnnxRunner:   # noqa: A001
+    """The runtime entry point used by ``dijiang_edge.runtime.open_export``."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise DiJiangError("running .onnx files needs onnxruntime: `pip install onnxruntime`") from None
+    return OnnxRunner(Path(folder), entry, manifest, threads)
