@@ -101,6 +101,13 @@ def cmd_bench_attention(a: argparse.Namespace) -> None:
                         threads=a.threads, parallel_limit=a.parallel_limit)
 
 
+def cmd_bench_onnx(a: argparse.Namespace) -> None:
+    from .runtime.onnx_bench import run
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
+    quants = [q.strip() for q in a.quant.split(",") if q.strip()] if a.quant else None
+    run(a.folder, quants, ints(a.positions), ints(a.threads), a.tokens, a.rounds)
+
+
 # -- parser -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel-limit", type=int, default=16384,
                    help="skip the parallel form above this length (it needs T^2 memory)")
     p.set_defaults(fn=cmd_bench_attention)
+
+    p = sub.add_parser("bench-onnx", help="decode ms/token of an ONNX export at several positions")
+    p.add_argument("folder", help="an export folder with ONNX files (manifest.json)")
+    p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
+    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
+    p.add_argument("--threads", default="1,2", help="comma list of thread counts (0 = runtime default)")
+    p.add_argument("--tokens", type=int, default=32, help="decode calls timed per position and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the positions (medians reported)")
+    p.set_defaults(fn=cmd_bench_onnx)
 
     from .adapt.command import add_parser as add_adapt_parser
     add_adapt_parser(sub, MODEL_HELP, _add_convert_options)
