@@ -88,6 +88,9 @@ def cmd_export(a: argparse.Namespace) -> None:
     from .exporters import export
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
+    if a.qlinear or a.qembedding:       # ExecuTorch's recipe names: one more .pte quantization
+        from .exporters.executorch import quant_label
+        quants = list(dict.fromkeys(quants + [quant_label(a.qlinear, a.qembedding)]))
     m = export(a.model, a.out, formats, quants, force=a.force, convert_options=_convert_options(a))
     for f in m["files"]:
         print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} {f.get('role', ''):<8} {f.get('parity', {})}")
@@ -99,6 +102,13 @@ def cmd_bench_attention(a: argparse.Namespace) -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     bench_prefill_forms(lengths, heads=a.heads, head_dim=a.head_dim, chunk_size=a.chunk_size,
                         threads=a.threads, parallel_limit=a.parallel_limit)
+
+
+def cmd_bench_pte(a: argparse.Namespace) -> None:
+    from .runtime.pte_bench import run
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
+    quants = [q.strip() for q in a.quant.split(",") if q.strip()] if a.quant else None
+    run(a.folder, quants, ints(a.positions), ints(a.threads), a.tokens, a.rounds)
 
 
 def cmd_bench_onnx(a: argparse.Namespace) -> None:
@@ -144,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
     p.add_argument("--quant", default="fp32", help="comma list of: fp32, int8")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--qlinear", choices=["8da8w", "8da4w", "8w"], default=None,
+                   help="pte: also write a file with linears quantized so (8-bit dynamic activations + "
+                        "8/4-bit weights, or 8-bit weights only); --quant int8 = --qlinear 8da8w --qembedding 8w")
+    p.add_argument("--qembedding", choices=["8w"], default=None, help="pte: 8-bit per-row embedding table")
     _add_convert_options(p)
     p.set_defaults(fn=cmd_export)
 
@@ -165,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="decode calls timed per position and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the positions (medians reported)")
     p.set_defaults(fn=cmd_bench_onnx)
+
+    p = sub.add_parser("bench-pte", help="decode ms/token of the .pte files at several positions, and sizes")
+    p.add_argument("folder", help="an export folder with .pte files (manifest.json)")
+    p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
+    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
+    p.add_argument("--threads", default="1,2", help="comma list of thread counts (0 = runtime default)")
+    p.add_argument("--tokens", type=int, default=32, help="decode calls timed per position and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the positions (medians reported)")
+    p.set_defaults(fn=cmd_bench_pte)
 
     from .adapt.command import add_parser as add_adapt_parser
     add_adapt_parser(sub, MODEL_HELP, _add_convert_options)

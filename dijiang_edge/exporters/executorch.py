@@ -1,0 +1,393 @@
+"""ExecuTorch export: one ``.pte`` per quantization, lowered to XNNPACK, that the
+stock ExecuTorch LLM runner (``TextLLMRunner``, Android ``LlmModule``) drives as is.
+
+The program's contract (DESIGN.md section 3)::
+
+    forward(tokens int64 [1, T], start_pos int64 [1]) -> logits float32 [1, T, V]
+
+``T`` is dynamic (1 .. ``max_seq_len``). The recurrent state lives in mutable
+buffers ``state_{i}`` (initialised to zeros in the file), is carried from call to
+call and is cleared inside the graph when ``start_pos == 0``: the stock runner's
+reset only sets its position back to 0. Everything the runner reads is a constant
+method (``get_max_seq_len`` ... ``enable_dynamic_shape``), not a side file.
+
+One graph serves prefill and decode: the masked (parallel) form of the attention
+over the ``T`` tokens of the call plus the carried state. It is exact, quadratic
+only in ``T`` (which ``max_seq_len`` bounds; the runner splits longer prompts), and
+for ``T == 1`` it is the recurrent step.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import DiJiangError
+
+Tensor = torch.Tensor
+MAX_SEQ_LEN = 128                 # tokens per forward call (the runner chunks longer prompts)
+MAX_CONTEXT_LEN = 1 << 20         # the state is fixed-size; fp32 positions stay exact far beyond
+QLINEAR = ("8da8w", "8da4w", "8w")
+QEMBEDDING = ("8w",)
+ALIASES = {"fp32": (None, None), "int8": ("8da8w", "8w")}
+DIJIANG_MARKER = "dijiang_recurrent_state"   # a constant method: tells our .pte files apart
+
+
+# ----------------------------------------------------------------------------
+# Quantization names: "fp32", "int8" (= 8da8w linears + 8w embedding), or a recipe
+# "<qlinear>", "emb<qembedding>", "<qlinear>+emb<qembedding>" (ExecuTorch's names).
+# ----------------------------------------------------------------------------
+
+def parse_quant(label: str) -> tuple[str | None, str | None]:
+    """``(qlinear, qembedding)`` of a quant label; a clear error for an unknown one."""
+    if label in ALIASES:
+        return ALIASES[label]
+    qlinear = qembedding = None
+    for part in label.split("+"):
+        if part.startswith("emb") and part[3:] in QEMBEDDING:
+            qembedding = part[3:]
+        elif part in QLINEAR:
+            qlinear = part
+        else:
+            raise DiJiangError(
+                f"unknown .pte quantization {label!r}: use fp32, int8 (= 8da8w linears + 8-bit "
+                f"embedding), or --qlinear {'|'.join(QLINEAR)} / --qembedding {'|'.join(QEMBEDDING)}")
+    return qlinear, qembedding
+
+
+def quant_label(qlinear: str | None, qembedding: str | None) -> str:
+    """The label ``parse_quant`` reads back (``"int8"`` for the 8da8w + 8w recipe)."""
+    for name, pair in ALIASES.items():
+        if pair == (qlinear, qembedding):
+            return name
+    parts = ([qlinear] if qlinear else []) + ([f"emb{qembedding}"] if qembedding else [])
+    return "+".join(parts)
+
+
+class Int8Embedding(nn.Module):
+    """Per-row symmetric int8 embedding built from plain ops (gather, then scale).
+
+    ExecuTorch's Python runtime registers no quantized embedding kernel and XNNPACK
+    has no gather, so the table stays int8 and only the looked-up rows are
+    dequantized: any ExecuTorch runtime with the portable kernels runs it.
+    """
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        self.register_buffer("qweight", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.qweight).float() * F.embedding(ids, self.scale)
+
+
+def _linear_config(qlinear: str):
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    if qlinear == "8w":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    dtype, gran = (torch.int8, PerAxis(0)) if qlinear == "8da8w" else (torch.int4, PerGroup(32))
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=gran)
+
+
+def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None) -> nn.Module:
+    """A quantized copy of ``model`` (the original is left as it is)."""
+    model = copy.deepcopy(model)
+    if qembedding:
+        model.embed = Int8Embedding(model.embed.weight)
+    if qlinear:
+        from torchao.quantization.quant_api import quantize_
+        if qlinear == "8da4w":
+            bad = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32]
+            if bad:
+                raise DiJiangError(f"8da4w quantizes in groups of 32 input channels; {bad[0]} has "
+                                   f"{model.get_submodule(bad[0]).in_features}: use --qlinear 8da8w")
+        if model.lm_head.weight is getattr(model.embed, "weight", None):
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        quantize_(model, _linear_config(qlinear), filter_fn=lambda m, _: isinstance(m, nn.Linear))
+    return model
+
+
+# ----------------------------------------------------------------------------
+# The exported module
+# ----------------------------------------------------------------------------
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor,
+                     state: Tensor) -> tuple[Tensor, Tensor]:
+    """The parallel form over one call's tokens in float32, written to export with a
+    dynamic ``T``: decays are differences of cumulative log gates masked before
+    ``exp`` (nothing overflows), and the carried ``state`` enters through
+    ``exp(cum)``. For ``T == 1`` this is ``recurrent_step``."""
+    t = q.shape[2]
+    cum = log_gate.cumsum(-1)                                        # [B, H, T]
+    idx = torch.arange(t, device=q.device)
+    causal = idx[:, None] >= idx[None, :]
+    diff = cum[..., :, None] - cum[..., None, :]
+    decay = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
+    scores = (q @ k.transpose(-1, -2)) * decay * beta[..., None, :]
+    o = scores @ v + cum.exp()[..., None] * (q @ state)
+    last = cum[..., -1:]                                             # [B, H, 1]
+    k_end = k * ((last - cum).exp() * beta)[..., None]
+    s = last.exp()[..., None] * state + k_end.transpose(-1, -2) @ v
+    return o, s
+
+
+def _block(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+           valid: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """``Block.forward`` with the attention in its exportable masked form."""
+    h = layer.input_layernorm(x)
+    attn = layer.attn
+    q, k, v = attn.features(h, cos, sin)
+    log_gate, beta = attn.gates(positions, valid)
+    o, s = masked_attention(q, k, v, log_gate, beta, state)
+    a = attn.finish(h, o)
+    if layer.parallel:
+        return x + a + layer.mlp(layer.post_attention_layernorm(x)), s
+    x = x + a
+    return x + layer.mlp(layer.post_attention_layernorm(x)), s
+
+
+class RecurrentLM(nn.Module):
+    """``forward(tokens [1, T], start_pos [1]) -> logits [1, T, V]`` with the state
+    in buffers ``state_{i}``: the module ``torch.export`` sees."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layers = len(model.layers)
+        for i in range(self.n_layers):
+            self.register_buffer(f"state_{i}", torch.zeros(model.state_shape(1)))
+
+    def forward(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
+        m = self.model
+        positions = start_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        fresh = (start_pos == 0).view(-1, 1, 1, 1)
+        cos, sin = m.rope(positions)
+        x = m.embed(tokens)
+        for i, layer in enumerate(m.layers):
+            buf = getattr(self, f"state_{i}")
+            s0 = torch.where(fresh, torch.zeros_like(buf), buf)     # in-graph reset
+            x, s = _block(layer, x, cos, sin, positions, valid, s0)
+            buf.copy_(s)
+        return m.lm_head(m.norm(x)).float()
+
+
+# ----------------------------------------------------------------------------
+# torch.export with errors that name the layer and the op
+# ----------------------------------------------------------------------------
+
+class _ModuleTrail:
+    """Records which submodule is running while ``torch.export`` traces (non-strict
+    tracing runs the Python code), so a failure can name the layer."""
+
+    def __init__(self, root: nn.Module):
+        self.stack: list[str] = []
+        self.handles = []
+        for name, mod in root.named_modules():
+            if name:
+                self.handles.append(mod.register_forward_pre_hook(self._enter(name)))
+                self.handles.append(mod.register_forward_hook(self._leave(name)))
+
+    def _enter(self, name):
+        return lambda *_: self.stack.append(name)
+
+    def _leave(self, name):
+        def hook(*_):
+            if self.stack and self.stack[-1] == name:
+                self.stack.pop()
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _user_frame(e: BaseException) -> str:
+    """The innermost traceback frame outside torch: the line of model code that failed."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename and "torchao" not in f.filename]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{Path(f.filename).name}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def export_graph(wrapper: RecurrentLM, max_seq_len: int) -> torch.export.ExportedProgram:
+    """``torch.export`` with ``T`` dynamic; a failure names the layer and the op."""
+    from torch.export import Dim
+    t = min(max_seq_len, 3) if max_seq_len > 1 else 1
+    example = (torch.zeros(1, t, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    dyn = ({1: Dim("seq", min=1, max=max_seq_len)}, None) if max_seq_len > 1 else None
+    trail = _ModuleTrail(wrapper)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, example, dynamic_shapes=dyn, strict=False)
+            return ep.run_decompositions({})
+    except Exception as e:
+        layer = trail.stack[-1].removeprefix("model.") if trail.stack else "the model's top level"
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DiJiangError(f"torch.export failed in layer {layer} at {_user_frame(e)}: "
+                           f"{type(e).__name__}: {msg}; that op cannot be exported with a dynamic "
+                           f"sequence length (rewrite it without data-dependent control flow)") from e
+    finally:
+        trail.close()
+
+
+# ----------------------------------------------------------------------------
+# Lowering and writing the .pte
+# ----------------------------------------------------------------------------
+
+def runner_metadata(model: nn.Module, max_seq_len: int, max_context_len: int) -> dict[str, Any]:
+    """The constant methods the ExecuTorch LLM runner reads (``llm_runner_helper``)."""
+    a = model.args
+    meta: dict[str, Any] = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_context_len,
+        "get_vocab_size": a.vocab_size,
+        "get_n_layers": a.n_layers,
+        "use_kv_cache": True,            # the runner then feeds start_pos and one token per step
+        "enable_dynamic_shape": True,    # the prompt is prefilled in one call
+        DIJIANG_MARKER: 1,
+    }
+    if a.bos_id is not None:
+        meta["get_bos_id"] = a.bos_id
+    if a.eos_ids:
+        meta["get_eos_ids"] = list(a.eos_ids)
+    return meta
+
+
+XNNPACK_CONFIGS = ("LinearConfig", "BMMConfig", "QuantizeAffineConfig", "DeQuantizeAffineConfig",
+                   "ChooseQParamsAffineConfig")
+
+
+def xnnpack_partitioner():
+    """XNNPACK for the linear layers (fp32 and dynamically quantized) and the
+    attention's batched matmuls; the small elementwise ops stay portable.
+
+    Measured on the tiny test model: every XNNPACK subgraph costs ~1 s of
+    lowering, and with all of XNNPACK's configs the graph splits into ~14 of them
+    per layer (norms, RoPE's split and the gates are not delegable), some of which
+    fail with "Invalid partition, found dependency cycles" (its 2-D ``mm`` config).
+    Decode time is dominated by the weights, which this keeps in XNNPACK.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c.__name__ in XNNPACK_CONFIGS])
+
+
+def lower(ep: torch.export.ExportedProgram, metadata: dict[str, Any]):
+    """XNNPACK partitioning and ``to_executorch``; the state buffers keep their zeros."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    try:
+        edge = to_edge_transform_and_lower(
+            ep, partitioner=[xnnpack_partitioner()], constant_methods=metadata,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        return edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            passes=[InitializedMutableBufferPass(["state_"])],
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=True),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        ))
+    except Exception as e:
+        raise DiJiangError(f"lowering to ExecuTorch/XNNPACK failed at {_user_frame(e)}: "
+                           f"{type(e).__name__}: {str(e).strip()[:300]}") from e
+
+
+def delegated_fraction(program) -> dict[str, int]:
+    """How many ops of the final graph run in XNNPACK vs the portable kernels."""
+    gm = program.exported_program().graph_module
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    delegate = sum("executorch_call_delegate" in str(n.target) for n in calls)
+    ignore = ("getitem", "alloc", "sym_size", "executorch_call_delegate", "copy_")
+    portable = sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
+                       for n in calls if not any(s in str(n.target) for s in ignore)})
+    return {"xnnpack_subgraphs": delegate, "portable_ops": portable}
+
+
+def initialized_states(program, shape: list[int]) -> int:
+    """How many state-shaped buffers of ``forward`` are planned *and* carry serialized
+    initial data (zeros): the guarantee ``InitializedMutableBufferPass`` is there for."""
+    plan = next(p for p in program.executorch_program.execution_plan if p.name == "forward")
+    return sum(1 for v in plan.values if type(v.val).__name__ == "Tensor" and list(v.val.sizes) == shape
+               and v.val.data_buffer_idx > 0 and v.val.allocation_info is not None)
+
+
+def build_pte(model: nn.Module, path: Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
+              max_context_len: int = MAX_CONTEXT_LEN) -> dict[str, Any]:
+    """Quantize, export, lower and write ``path``; returns facts for the manifest."""
+    if max_seq_len < 1 or max_context_len <= max_seq_len:
+        raise DiJiangError(f"need 1 <= max_seq_len < max_context_len (got {max_seq_len}, {max_context_len})")
+    qlinear, qembedding = parse_quant(quant)
+    t0 = time.time()
+    model = quantize(model.eval(), qlinear, qembedding)
+    wrapper = RecurrentLM(model).eval()
+    program = lower(export_graph(wrapper, max_seq_len), runner_metadata(model, max_seq_len, max_context_len))
+    n = initialized_states(program, list(model.state_shape(1)))
+    if n != wrapper.n_layers:
+        raise DiJiangError(f"only {n} of {wrapper.n_layers} state buffers got serialized zeros; this "
+                           f"executorch version changed InitializedMutableBufferPass: please report it")
+    path.write_bytes(program.buffer)
+    return {"qlinear": qlinear, "qembedding": qembedding, "seconds": round(time.time() - t0, 1),
+            "graph": delegated_fraction(program)}
+
+
+# ----------------------------------------------------------------------------
+# The manifest entry, with parity measured through the written file
+# ----------------------------------------------------------------------------
+
+def check(model: nn.Module, out_dir: Path, entry: dict, tokens: int) -> None:
+    """Run the file with ``executorch.runtime`` against PyTorch on real text (the
+    figures ``dijiang_edge.parity`` measures for every format) into ``entry``."""
+    from ..parity import measure, text_ids
+    from ..runtime.executorch import PteRunner
+    from ..tokenizer import load_tokenizer
+    tok = load_tokenizer(out_dir) if (out_dir / "tokenizer.json").exists() else None
+    ids, source = text_ids(tok, model.args.vocab_size, tokens)
+    runner = PteRunner(out_dir / entry["path"], entry)
+    entry["parity"] = {"text": source, **measure(model, runner, ids)}
+
+
+def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
+           max_context_len: int = MAX_CONTEXT_LEN, parity_tokens: int = 512, **_: Any) -> list[dict]:
+    """Write ``model_<quant>.pte`` into ``out_dir``; returns its manifest entry.
+
+    ``parity_tokens`` tokens of real text go through the written file and through
+    PyTorch (0 skips it); the figures land in the entry's ``parity``.
+    """
+    from ..runtime.executorch import sha256
+    out_dir = Path(out_dir)
+    name = f"model_{quant.replace('+', '_')}.pte"
+    facts = build_pte(model, out_dir / name, quant, max_seq_len, max_context_len)
+    h, m, dv = model.state_shape(1)[1:]
+    entry = {
+        "format": "pte", "quant": quant, "path": name, "role": "both",
+        "qlinear": facts["qlinear"], "qembedding": facts["qembedding"],
+        "inputs": {"tokens": {"dtype": "int64", "shape": [1, "seq"]},
+                   "start_pos": {"dtype": "int64", "shape": [1]}},
+        "outputs": {"logits": {"dtype": "float32", "shape": [1, "seq", model.args.vocab_size]}},
+        "state": [{"name": f"state_{i}", "dtype": "float32", "shape": [1, h, m, dv], "in": "mutable buffer"}
+                  for i in range(len(model.layers))],
+        "max_seq_len": max_seq_len, "max_context_len": max_context_len,
+        "graph": facts["graph"], "export_seconds": facts["seconds"],
+        "checksums": {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256(out_dir / name)}},
+    }
+    if parity_tokens > 0:
+        check(model, out_dir, entry, parity_tokens)
+    print(f"[pte] wrote {name} ({entry['checksums'][name]['bytes'] / 1e6:.1f} MB) in {facts['seconds']}s",
+          file=sys.stderr)
+    return [entry]

@@ -1,0 +1,76 @@
+"""The .pte exporter's pieces that need no lowering: quantization names, the
+exportable attention form, the in-graph reset, and the CLI's ExecuTorch flags."""
+
+import pytest
+import torch
+
+import dijiang_edge
+from dijiang_edge import attention as A
+from dijiang_edge.cli import build_parser, cmd_export
+from dijiang_edge.errors import DiJiangError
+from dijiang_edge.exporters.executorch import (Int8Embedding, RecurrentLM, masked_attention,
+                                               parse_quant, quant_label)
+from conftest import rel_err
+
+
+@pytest.mark.parametrize("label,pair", [("fp32", (None, None)), ("int8", ("8da8w", "8w")),
+                                        ("8da4w", ("8da4w", None)), ("8w+emb8w", ("8w", "8w")),
+                                        ("emb8w", (None, "8w")), ("8da8w", ("8da8w", None))])
+def test_quant_labels_round_trip(label, pair):
+    assert parse_quant(label) == pair
+    assert quant_label(*pair) == label
+
+
+@pytest.mark.parametrize("bad", ["int4", "8da4w+emb4w", "fp16", ""])
+def test_unknown_quant_is_refused(bad):
+    with pytest.raises(DiJiangError, match="--qlinear"):
+        parse_quant(bad)
+
+
+@pytest.mark.parametrize("t", [1, 5, 37])
+def test_masked_form_equals_the_reference(t):
+    g = torch.Generator().manual_seed(t)
+    b, h, m, dv = 1, 3, 8, 9
+    q = torch.softmax(torch.randn(b, h, t, m, generator=g), -1)
+    k = torch.softmax(torch.randn(b, h, t, m, generator=g), -1)
+    v = torch.randn(b, h, t, dv, generator=g)
+    lg = -torch.rand(b, h, t, generator=g) * 0.1
+    beta = torch.rand(b, h, t, generator=g)
+    s0 = torch.randn(b, h, m, dv, generator=g)
+    o, s = masked_attention(q, k, v, lg, beta, s0)
+    o_ref, s_ref = A.parallel_attention(q, k, v, lg, beta, s0)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_int8_embedding_is_per_row_and_close():
+    w = torch.randn(50, 16)
+    e = Int8Embedding(w)
+    ids = torch.arange(50)[None]
+    assert e.qweight.dtype == torch.int8
+    assert rel_err(e(ids)[0], w) < 1 / 127
+
+
+@torch.no_grad()
+def test_wrapper_carries_state_and_resets_at_position_zero(hf_models):
+    model = dijiang_edge.convert(hf_models["smollm2"], chunk_size=8)
+    w = RecurrentLM(model).eval()
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(0))
+    ref = model(ids)[0]
+    a = w(ids[:, :11], torch.tensor([0]))
+    b = w(ids[:, 11:], torch.tensor([11]))
+    assert rel_err(torch.cat([a, b], 1), ref) < 1e-4
+    again = w(ids[:, :11], torch.tensor([0]))          # start_pos 0: the state is cleared
+    assert torch.equal(again, a)
+
+
+def test_cli_qlinear_adds_a_pte_quantization(monkeypatch):
+    seen = {}
+
+    def fake_export(model, out, formats, quants, **kw):
+        seen.update(formats=formats, quants=quants)
+        return {"files": []}
+    monkeypatch.setattr("dijiang_edge.exporters.export", fake_export)
+    a = build_parser().parse_args(["export", "default", "--out", "x", "--formats", "pte",
+                                   "--quant", "fp32", "--qlinear", "8da4w", "--qembedding", "8w"])
+    cmd_export(a)
+    assert seen == {"formats": ["pte"], "quants": ["fp32", "8da4w+emb8w"]}
