@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ FINGERPRINT_FIELDS = ("stages", "transfer_share", "seq_len", "batch_size", "tran
 
 
 def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: AdaptConfig | None = None, *,
-          tokenizer: Any = None, teacher: Any = None, variant: str = "normalized_gated", chunk_size: int = 64,
+          tokenizer: Any = None, teacher: Any = None, variant: str = "official", chunk_size: int = 64,
           norm_groups: int = 0, checkpoint_dir: str | Path | None = None, resume: bool = False,
           force: bool = False, keep_checkpoint: bool = False, notes: Sequence[str] = (),
           on_step: Callable[[StageProgress], None] | None = None, cpu: bool = False) -> dict[str, Any]:
@@ -123,6 +124,9 @@ class Adaptation:
             t = time.time()
             self.evals[kind][key] = fn()
             self.eval_seconds += time.time() - t
+            if self.acc.is_main_process:
+                print(f"[eval] {key}: held-out {kind.replace('_', ' ')} {self.evals[kind][key]:,.4g} "
+                      f"({time.time() - t:.0f}s)", file=sys.stderr, flush=True)
 
     def _ppl(self, logits_of) -> float:
         return perplexity(logits_of, self.blocks.heldout, self.cfg.eval_batch, self.acc)
@@ -238,7 +242,8 @@ class Adaptation:
                          "first_loss": c[0]["loss"] if c else float("nan"),
                          "last_loss": c[-1]["loss"] if c else float("nan")}
         return {"model": self.student.args.source.get("name", ""), "variant": self.student.args.variant,
-                "data": self.data, "tokens": {"train": self.blocks.train.numel(), "heldout": self.blocks.heldout.numel()},
+                "data": self.data,
+                "tokens": {"train": self.blocks.train.numel(), "heldout": self.blocks.heldout.numel()},
                 "config": self.cfg.to_dict(), "world_size": self.acc.num_processes, "device": dev,
                 "resumed": self.resume, **self.evals, "stages": stages,
                 "curves": {s: p.curve for s, p in self.progress.items()},

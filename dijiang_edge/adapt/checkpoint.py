@@ -61,12 +61,14 @@ class Checkpointer:
         try:
             blob = torch.load(self.path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise DiJiangError(f"the checkpoint {self.path} cannot be read ({str(e)[:160]}); delete it and start again") from None
+            raise DiJiangError(f"the checkpoint {self.path} cannot be read ({str(e)[:160]}); "
+                               "delete it and start again") from None
         diff = sorted(k for k in set(blob["fingerprint"]) | set(self.fingerprint)
                       if blob["fingerprint"].get(k) != self.fingerprint.get(k))
         if diff:
             raise DiJiangError(f"the checkpoint at {self.path} is from a different run (differs in: "
-                               f"{', '.join(diff)}); resume with the same model, data and settings, or pass --force to start over")
+                               f"{', '.join(diff)}); resume with the same model, data and settings, "
+                               "or pass --force to start over")
         return blob
 
     def remove(self) -> None:

@@ -17,16 +17,18 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--out", required=True, help="output folder: adapted model (export takes it as MODEL) + report")
     p.add_argument("--stages", default="transfer,finetune", help="comma list of: transfer, finetune")
     p.add_argument("--token-budget", default="0", help="training tokens over all stages, e.g. 200k (0 = no limit)")
-    p.add_argument("--time-budget", default="0", help="training time over all stages, e.g. 20m (evaluation not counted)")
+    p.add_argument("--time-budget", default="0",
+                   help="training time over all stages, e.g. 20m (evaluation not counted)")
     p.add_argument("--transfer-share", type=float, default=0.3, help="share of the budgets for transfer (both stages)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
     p.add_argument("--finetune", dest="finetune_mode", default="lora", choices=["lora", "full"],
                    help="low-rank updates of the source projections, or every weight")
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--transfer-lr", type=float, default=3e-3)
+    p.add_argument("--transfer-lr", type=float, default=1e-2)
     p.add_argument("--finetune-lr", type=float, default=0.0, help="0 = 1e-3 for lora, 1e-4 for full")
     p.add_argument("--kl-weight", type=float, default=0.7, help="finetune loss = (1-w) CE + w KL(teacher||student)")
+    p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to score (at most)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=None, help="the softmax source model, if MODEL does not record it")
@@ -39,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
     p.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
     add_convert_options(p)
-    p.set_defaults(fn=run, variant="normalized_gated")
+    p.set_defaults(fn=run, variant="official")     # adapts best per token (docs/adaptation.md)
 
 
 def run(a: argparse.Namespace) -> None:
@@ -51,7 +53,8 @@ def run(a: argparse.Namespace) -> None:
                       time_budget=parse_seconds(a.time_budget), transfer_share=a.transfer_share,
                       seq_len=a.seq_len, batch_size=a.batch_size, finetune_mode=a.finetune_mode,
                       lora_rank=a.lora_rank, lora_alpha=2.0 * a.lora_rank, transfer_lr=a.transfer_lr,
-                      finetune_lr=a.finetune_lr, kl_weight=a.kl_weight, eval_tokens=a.eval_tokens, seed=a.seed,
+                      finetune_lr=a.finetune_lr, kl_weight=a.kl_weight, warmup_steps=a.warmup_steps,
+                      eval_tokens=a.eval_tokens, seed=a.seed,
                       checkpoint_minutes=a.checkpoint_minutes, checkpoint_steps=a.checkpoint_steps)
     r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, variant=a.variant, chunk_size=a.chunk_size,
               norm_groups=a.norm_groups, checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,

@@ -26,13 +26,13 @@ class AdaptConfig:
     transfer_share: float = 0.3
     seq_len: int = 256
     batch_size: int = 4                # sequences per step, all processes together
-    transfer_lr: float = 3e-3
+    transfer_lr: float = 1e-2
     finetune_lr: float = 0.0           # 0 = 1e-3 for lora, 1e-4 for full
     finetune_mode: str = "lora"
     lora_rank: int = 16
     lora_alpha: float = 32.0
     kl_weight: float = 0.7             # finetune loss = (1 - w) CE + w KL(teacher || student)
-    warmup_steps: int = 10
+    warmup_steps: int = 3                # CPU budgets are tens of steps: keep warm-up short
     grad_clip: float = 1.0
     heldout_fraction: float = 0.05
     eval_tokens: int = 16384           # at most this many held-out tokens

@@ -42,7 +42,8 @@ class TransferObjective(nn.Module):
         return torch.stack([F.mse_loss(o.float(), y.float()) for o, y in zip(outs, targets)]).mean()
 
 
-def distill_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def distill_losses(logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token CE and mean per-token KL(teacher || student)."""
     lp = F.log_softmax(logits[:, :-1].float(), -1)
     ce = F.nll_loss(lp.flatten(0, 1), ids[:, 1:].flatten())

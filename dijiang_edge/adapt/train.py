@@ -123,7 +123,7 @@ class Loop:
         left = self.budget.seconds_left(p)
         extra = "".join(f" {k} {last[k]:.4g}" for k in self.metric_names[1:])
         print(f"[{p.stage}] step {p.step} | {p.tokens:,} tokens | {tps:,.0f} tok/s | loss {last['loss']:.4g}{extra}"
-              f" | {p.seconds:.0f}s spent, {_fmt(left)} left", file=sys.stderr, flush=True)
+              f" | {last['seconds']:.0f}s spent, {_fmt(left)} left", file=sys.stderr, flush=True)
 
 
 def _fmt(s: float) -> str:
