@@ -25,8 +25,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torchao", "transformers", "torch", "root"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)     # torchao/torch import-time warnings; our output is print()
 
 
 def _convert_options(a: argparse.Namespace) -> dict:
