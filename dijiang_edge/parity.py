@@ -3,7 +3,8 @@
 Works on any ``runtime.Runner`` (``forward(ids [1, T]) -> logits``, state carried).
 Figures: logits max relative error (``max|a - b| / max|b|``) in prefill and in
 token-by-token decode, teacher-forced top-1 agreement, the perplexity of both, and
-how many of ``greedy`` greedily generated tokens are identical.
+how many of ``greedy`` greedily generated tokens are identical.  The PyTorch side is
+computed once (``Reference``) and shared by every file checked against it.
 """
 
 from __future__ import annotations
@@ -31,28 +32,6 @@ def text_ids(tokenizer, vocab: int, n: int) -> tuple[np.ndarray, str]:
     return np.frombuffer(text.encode()[:n], np.uint8).astype(np.int64) % vocab, "utf8-bytes"
 
 
-class _Acc:
-    """Streaming max-abs error, top-1 agreement and summed NLL over logit blocks."""
-
-    def __init__(self):
-        self.diff = self.scale = 0.0
-        self.agree = self.n = 0
-        self.nll_ref = self.nll = 0.0
-
-    def add(self, got: np.ndarray, ref: np.ndarray, targets: np.ndarray | None = None) -> None:
-        self.diff = max(self.diff, float(np.abs(got - ref).max()))
-        self.scale = max(self.scale, float(np.abs(ref).max()))
-        self.agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        self.n += len(ref)
-        if targets is not None and len(targets):
-            k = len(targets)
-            self.nll_ref += _nll(ref[:k], targets)
-            self.nll += _nll(got[:k], targets)
-
-    def rel(self) -> float:
-        return self.diff / max(self.scale, 1e-30)
-
-
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     z = logits.astype(np.float64)
     lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
@@ -61,58 +40,75 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 @torch.no_grad()
 def _torch_step(model, ids: np.ndarray, state):
-    logits, state = model(torch.from_numpy(ids[None]), state)
+    logits, state = model(torch.from_numpy(np.ascontiguousarray(ids)[None]), state)
     return logits[0].float().numpy(), state
 
 
-def prefill_parity(model, runner, ids: np.ndarray) -> dict:
-    """Teacher-forced over ``ids`` in blocks: max rel err, top-1 agreement, perplexities."""
-    acc, state = _Acc(), None
+class Reference:
+    """The PyTorch model's outputs on ``ids``: prefill logits per block, teacher-forced
+    decode logits after ``prompt`` tokens, and a greedy continuation of ``greedy`` tokens."""
+
+    def __init__(self, model, ids: np.ndarray, prompt: int = 32, decode: int = 32, greedy: int = 64):
+        self.ids, self.prompt = ids, prompt
+        self.blocks, state = [], None
+        for i in range(0, len(ids), BLOCK):
+            lg, state = _torch_step(model, ids[i:i + BLOCK], state)
+            self.blocks.append(lg)
+        _, state = _torch_step(model, ids[:prompt], None)
+        start = state
+        self.decode = []
+        for j in range(prompt, min(prompt + decode, len(ids))):
+            lg, state = _torch_step(model, ids[j:j + 1], state)
+            self.decode.append(lg[0])
+        self.greedy: list[int] = []
+        lg = self.blocks[0][prompt - 1] if prompt <= BLOCK else _torch_step(model, ids[:prompt], None)[0][-1]
+        state = start
+        for _ in range(greedy):
+            self.greedy.append(int(lg.argmax()))
+            lg, state = _torch_step(model, np.array([self.greedy[-1]], np.int64), state)
+            lg = lg[-1]
+
+
+def prefill_parity(ref: Reference, runner) -> dict:
+    """Teacher-forced over the text in blocks: max rel err, top-1 agreement, perplexities."""
+    ids, diff, scale, agree, nll, nll_ref = ref.ids, 0.0, 0.0, 0, 0.0, 0.0
     runner.reset()
-    for i in range(0, len(ids), BLOCK):
-        blk = ids[i:i + BLOCK]
-        ref, state = _torch_step(model, blk, state)
-        acc.add(runner.forward(blk[None])[0], ref, ids[i + 1:i + 1 + len(blk)])
+    for b, want in enumerate(ref.blocks):
+        i = b * BLOCK
+        got = runner.forward(ids[None, i:i + len(want)])[0]
+        diff, scale = max(diff, float(np.abs(got - want).max())), max(scale, float(np.abs(want).max()))
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        tgt = ids[i + 1:i + 1 + len(want)]
+        nll, nll_ref = nll + _nll(got[:len(tgt)], tgt), nll_ref + _nll(want[:len(tgt)], tgt)
     n = len(ids) - 1
-    return {"tokens": len(ids), "max_rel_err": acc.rel(), "top1_agreement": acc.agree / acc.n,
-            "ppl_torch": math.exp(acc.nll_ref / n), "ppl": math.exp(acc.nll / n)}
+    return {"tokens": len(ids), "max_rel_err": diff / max(scale, 1e-30), "top1_agreement": agree / len(ids),
+            "ppl_torch": math.exp(nll_ref / n), "ppl": math.exp(nll / n)}
 
 
-def decode_parity(model, runner, ids: np.ndarray, prompt: int) -> dict:
-    """Prefill ``ids[:prompt]`` then decode the rest one token per call (teacher-forced)."""
-    acc = _Acc()
+def decode_parity(ref: Reference, runner) -> dict:
+    """Prefill the prompt, then decode the next tokens one per call (teacher-forced)."""
     runner.reset()
-    runner.forward(ids[None, :prompt])
-    _, state = _torch_step(model, ids[:prompt], None)
-    for j in range(prompt, len(ids)):
-        ref, state = _torch_step(model, ids[j:j + 1], state)
-        acc.add(runner.forward(ids[None, j:j + 1])[0], ref)
-    return {"decode_tokens": len(ids) - prompt, "decode_max_rel_err": acc.rel(),
-            "decode_top1_agreement": acc.agree / max(acc.n, 1)}
+    runner.forward(ref.ids[None, :ref.prompt])
+    got = [runner.forward(ref.ids[None, j:j + 1])[0, 0] for j in range(ref.prompt, ref.prompt + len(ref.decode))]
+    got, want = np.stack(got), np.stack(ref.decode)
+    return {"decode_tokens": len(want),
+            "decode_max_rel_err": float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)),
+            "decode_top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
 
 
-def greedy_parity(model, runner, prompt: np.ndarray, n: int) -> dict:
-    """Greedy continuation of ``prompt`` by both; how many leading tokens are identical."""
+def greedy_parity(ref: Reference, runner) -> dict:
+    """Greedy continuation of the prompt; how many leading tokens equal PyTorch's."""
     runner.reset()
-    got, ref = [], []
-    lg_r = runner.forward(prompt[None])[0, -1]
-    lg_t, state = _torch_step(model, prompt, None)
-    lg_t = lg_t[-1]
-    for _ in range(n):
-        got.append(int(lg_r.argmax()))
-        ref.append(int(lg_t.argmax()))
-        lg_r = runner.forward(np.array([[got[-1]]], np.int64))[0, -1]
-        lg_t, state = _torch_step(model, np.array([ref[-1]], np.int64), state)
-        lg_t = lg_t[-1]
-    same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), n)
-    return {"greedy_tokens": n, "greedy_identical": same}
+    lg = runner.forward(ref.ids[None, :ref.prompt])[0, -1]
+    got: list[int] = []
+    for _ in range(len(ref.greedy)):
+        got.append(int(lg.argmax()))
+        lg = runner.forward(np.array([[got[-1]]], np.int64))[0, -1]
+    same = next((i for i, (a, b) in enumerate(zip(got, ref.greedy)) if a != b), len(got))
+    return {"greedy_tokens": len(ref.greedy), "greedy_identical": same}
 
 
-def measure(model, runner, ids: np.ndarray, greedy: int = 64, prompt: int = 32,
-            decode: int = 32) -> dict:
+def measure(model, runner, ids: np.ndarray, greedy: int = 64, ref: Reference | None = None) -> dict:
     """All parity figures of ``runner`` vs ``model`` on ``ids`` (real text)."""
-    out = prefill_parity(model, runner, ids)
-    out.update(decode_parity(model, runner, ids[:prompt + decode], prompt))
-    if greedy:
-        out.update(greedy_parity(model, runner, ids[:prompt], greedy))
-    return out
+    ref = ref or Reference(model, ids, greedy=greedy)
+    return {**prefill_parity(ref, runner), **decode_parity(ref, runner), **greedy_parity(ref, runner)}

@@ -83,9 +83,11 @@ def test_fp32_file_matches_pytorch(tiny_export, path):
     assert fig["greedy_identical"] == 64 and fig["top1_agreement"] == 1.0, fig
 
 
-def test_native_file_remeasured(tiny_export, tiny_model):
-    """The same bars measured again here, on a fresh runner of the one-file native graph."""
-    fig = measure(tiny_model, _runner(tiny_export, "onnx/native.onnx"), _ids(tiny_model), greedy=64)
+def test_plain_pair_remeasured(tiny_export, tiny_model):
+    """The same bars measured again here, on a fresh runner of the plain prefill + decode pair."""
+    r = _runner(tiny_export, "onnx/prefill.onnx")
+    assert r.decode_entry["path"] == "onnx/decode.onnx"
+    fig = measure(tiny_model, r, _ids(tiny_model), greedy=64)
     assert fig["max_rel_err"] <= BAR_FP32 and fig["decode_max_rel_err"] <= BAR_FP32, fig
     assert fig["greedy_identical"] == 64, fig
 
@@ -98,9 +100,10 @@ def test_manifest_has_parity_state_and_defaults(tiny_export, tiny_model):
         assert f["inputs"]["state"][0]["shape"] == ["batch", *tiny_model.state_shape(1)[1:]]
         assert len(f["outputs"]["state"]) == tiny_model.args.n_layers
         assert f["parity"]["tokens"] == 256 and f["parity"]["text"] == "utf8-bytes"
-    assert pick_entry(m, "onnx", "fp32")["role"] == "prefill"
+    assert pick_entry(m, "onnx", "fp32")["path"] == "onnx/native.onnx"
     fp32 = [f for f in m["files"] if f["quant"] == "fp32"]
-    assert {f["role"] for f in fp32 if f["default"]} == {"prefill", "decode"}
+    assert [f["role"] for f in fp32 if f["default"]] == ["both"]
+    assert {f["parity"]["decode_file"] for f in fp32} == {"onnx/decode.onnx", "onnx/native.onnx"}
     assert all(f["parity"]["max_rel_err"] <= BAR_FP32 for f in fp32)
 
 
@@ -129,9 +132,10 @@ def test_weights_stored_once(tiny_export, tiny_model):
     assert size < 1.3 * params
 
 
-def test_prefill_then_decode_equals_one_prefill(tiny_export, tiny_model):
+@pytest.mark.parametrize("path", ["onnx/prefill.onnx", "onnx/native.onnx"])
+def test_prefill_then_decode_equals_one_prefill(tiny_export, tiny_model, path):
     ids = _ids(tiny_model, 80)[None]
-    r = _runner(tiny_export, "onnx/prefill.onnx")
+    r = _runner(tiny_export, path)
     whole = r.forward(ids)
     r.reset()
     parts = [r.forward(ids[:, :50])] + [r.forward(ids[:, i:i + 1]) for i in range(50, 80)]
@@ -208,7 +212,7 @@ def _copy(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("damage", ["truncate", "flip_weights", "garbage_rehashed"])
 def test_damaged_file_is_refused(tiny_export, tmp_path, capsys, damage):
     d = _copy(tiny_export, tmp_path / "d")
-    onnx_file, weights = d / "onnx" / "prefill.onnx", d / "onnx" / "weights.data"
+    onnx_file, weights = d / "onnx" / "native.onnx", d / "onnx" / "weights.data"   # the default file
     if damage == "truncate":
         onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
         want = "truncated"
@@ -222,8 +226,8 @@ def test_damaged_file_is_refused(tiny_export, tmp_path, capsys, damage):
         onnx_file.write_bytes(b"not an onnx graph" * 100)
         m = read_manifest(d)
         for f in m["files"]:
-            if "onnx/prefill.onnx" in f["checksums"]:
-                f["checksums"]["onnx/prefill.onnx"] = {"bytes": onnx_file.stat().st_size, "sha256": sha256(onnx_file)}
+            if "onnx/native.onnx" in f["checksums"]:
+                f["checksums"]["onnx/native.onnx"] = {"bytes": onnx_file.stat().st_size, "sha256": sha256(onnx_file)}
         (d / "manifest.json").write_text(json.dumps(m))
         want = "could not load"
     code = main(["generate", str(d), "--prompt", "w5", "--format", "onnx", "--quant", "fp32"])

@@ -64,12 +64,13 @@ def session(folder: Path, entry: dict, threads: int = 0, verify: bool = True, sp
 
 
 def companion(manifest: dict, entry: dict, role: str) -> dict:
-    """The file that serves ``role`` beside ``entry``: itself, else the default of its quant."""
+    """The file that serves ``role`` beside ``entry``: itself, else one of its quantization,
+    the same attention kind first (plain prefill with plain decode), then the default."""
     if entry.get("role") in (role, "both"):
         return entry
     same = [f for f in manifest["files"] if f["format"] == entry["format"] and f["quant"] == entry["quant"]
             and f.get("role") in (role, "both")]
-    same.sort(key=lambda f: not f.get("default", False))
+    same.sort(key=lambda f: (f.get("attention") != entry.get("attention"), not f.get("default", False)))
     if not same:
         raise DiJiangError(f"the folder has no {role} file for onnx/{entry['quant']}; re-export it")
     return same[0]
