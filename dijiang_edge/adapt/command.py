@@ -4,6 +4,7 @@ Kept here so ``cli.py`` only registers it (and imports nothing heavy to build th
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable
 
 
@@ -56,9 +57,14 @@ def run(a: argparse.Namespace) -> None:
                       finetune_lr=a.finetune_lr, kl_weight=a.kl_weight, warmup_steps=a.warmup_steps,
                       eval_tokens=a.eval_tokens, seed=a.seed,
                       checkpoint_minutes=a.checkpoint_minutes, checkpoint_steps=a.checkpoint_steps)
-    r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, variant=a.variant, chunk_size=a.chunk_size,
-              norm_groups=a.norm_groups, checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
-              keep_checkpoint=a.keep_checkpoint, notes=a.note)
+    try:
+        r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, variant=a.variant, chunk_size=a.chunk_size,
+                  norm_groups=a.norm_groups, checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
+                  keep_checkpoint=a.keep_checkpoint, notes=a.note)
+    except KeyboardInterrupt:
+        print("dijiang-export adapt: run the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        raise
     if r["world_size"] > 1:
         from accelerate import PartialState
         if not PartialState().is_main_process:
