@@ -107,18 +107,20 @@ def test_manifest_has_parity_state_and_defaults(tiny_export, tiny_model):
     assert all(f["parity"]["max_rel_err"] <= BAR_FP32 for f in fp32)
 
 
-def test_graph_contract(tiny_export, tiny_model):
-    """Named inputs/outputs, the projection P as a constant, the native op where promised."""
+@pytest.mark.parametrize("quant", ["", "_int8"])
+def test_graph_contract(tiny_export, tiny_model, quant):
+    """Named inputs/outputs, the projection P as an fp32 constant (int8 too), the native op."""
     import onnx
     import onnxruntime as ort
     from dijiang_edge.attention import projection_matrix
     p = projection_matrix(tiny_model.args.head_dim).numpy()
-    for name in ("prefill", "decode", "native"):
+    for name in (f"prefill{quant}", f"decode{quant}", f"native{quant}"):
         g = onnx.load(tiny_export / "onnx" / f"{name}.onnx")
         inits = [onnx.numpy_helper.to_array(t, base_dir=str(tiny_export / "onnx")) for t in g.graph.initializer]
         assert any(a.shape == p.shape and np.array_equal(a, p) for a in inits), name
         ops = {n.op_type for n in g.graph.node}
-        assert ("LinearAttention" in ops) == (name == "native")
+        assert ("LinearAttention" in ops) == name.startswith("native")
+        assert ("MatMulNBits" in ops) == bool(quant)
         s = ort.InferenceSession(str(tiny_export / "onnx" / f"{name}.onnx"))
         n = tiny_model.args.n_layers
         assert [i.name for i in s.get_inputs()] == ["input_ids", "start_pos"] + [f"past_recurrent.{i}" for i in range(n)]
@@ -323,3 +325,13 @@ def test_smollm2_generate_without_torch(smol_export):
                           "The king said", "--max-new-tokens", "16", "--quant", "int8"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("The king said"), out.stderr[-2000:]
+
+
+def test_bench_onnx_prints_every_decode_file(tiny_export, capsys):
+    """The benchmark command runs (its figures are reported, never asserted: timings are noisy)."""
+    assert main(["bench-onnx", str(tiny_export), "--positions", "10,300", "--threads", "1",
+                 "--tokens", "4", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("native.onnx", "decode.onnx", "native_int8.onnx", "decode_int8.onnx"):
+        assert f"onnx/{name}" in out
+    assert "@300" in out and "ratio" in out

@@ -130,7 +130,8 @@ def export(model, out_dir: str | Path, quant: str = "fp32", kinds: tuple[str, ..
         mp = fp32_graph(model, kind)
         if quant != "fp32":
             with progress(f"quantizing the {kind} graph to {quant}"), onnx_files.quiet_logs():
-                mp = onnx_files.quantize(mp, quant, model.args.vocab_size, keep_head)
+                mp = onnx_files.quantize(mp, quant, model.args.vocab_size, keep_head,
+                                         keep=model.layers[0].attn.proj.numpy())
         graphs[file_name(kind, quant)] = (kind, mp)
     with progress(f"writing {len(graphs)} {quant} files"):
         onnx_files.pack({n: g for n, (_, g) in graphs.items()}, out, data)

@@ -38,12 +38,23 @@ def _decode_ms(runner: OnnxRunner, saved: tuple[list, int], tokens: int) -> floa
     return 1000 * statistics.median(times)
 
 
-def bench_decode(folder: str | Path, entry: dict, manifest: dict, positions: list[int],
-                 threads: int = 0, tokens: int = 32, rounds: int = 3) -> dict[int, float]:
-    """Median decode ms/token at each position for the runner of ``entry``."""
-    runner = OnnxRunner(Path(folder), entry, manifest, threads)
+def prefilled_states(folder: Path, manifest: dict, quant: str, positions: list[int],
+                     threads: int = 0) -> dict[int, tuple[list, int]]:
+    """The state after a real prefill of ``p`` tokens, for each position ``p`` (default file).
+
+    Plain and native files of one quantization keep the same state, so every decode
+    file of ``quant`` starts from these."""
+    from . import pick_entry
+    runner = OnnxRunner(Path(folder), pick_entry(manifest, "onnx", quant), manifest, threads)
     vocab = manifest["model"]["vocab_size"]
-    saved = {p: _prefilled(runner, p, vocab) for p in positions}
+    return {p: _prefilled(runner, p, vocab) for p in positions}
+
+
+def bench_decode(folder: str | Path, entry: dict, manifest: dict, saved: dict[int, tuple[list, int]],
+                 threads: int = 0, tokens: int = 32, rounds: int = 3) -> dict[int, float]:
+    """Median decode ms/token from each saved position, for the runner of ``entry``."""
+    runner = OnnxRunner(Path(folder), entry, manifest, threads)
+    positions = list(saved)
     _decode_ms(runner, saved[positions[0]], 4)                      # warm-up
     runs: dict[int, list[float]] = {p: [] for p in positions}
     for _ in range(rounds):
@@ -69,10 +80,12 @@ def run(folder: str | Path, quants: list[str] | None, positions: list[int], thre
     manifest = read_manifest(folder)
     head = f"{'decode file':<28} {'quant':<13} {'thr':>3} " + " ".join(f"{'@' + str(p):>9}" for p in positions)
     print(head + f" {'ratio':>6}   (median ms/token)")
-    rows = []
+    rows, saved = [], {}
     for e in decode_entries(manifest, quants):
+        if e["quant"] not in saved:
+            saved[e["quant"]] = prefilled_states(Path(folder), manifest, e["quant"], positions, max(threads))
         for t in threads:
-            ms = bench_decode(folder, e, manifest, positions, t, tokens, rounds)
+            ms = bench_decode(folder, e, manifest, saved[e["quant"]], t, tokens, rounds)
             ratio = ms[positions[-1]] / ms[positions[0]]
             print(f"{e['path']:<28} {e['quant']:<13} {t or 'def':>3} "
                   + " ".join(f"{ms[p]:>9.2f}" for p in positions) + f" {ratio:>6.2f}", flush=True)
