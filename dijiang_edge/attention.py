@@ -157,7 +157,26 @@ def parallel_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
                       beta: Tensor | None = None, initial_state: Tensor | None = None,
-                      chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+                      chunk_size: int = 64, segment_chunks: int = 16) -> tuple[Tensor, Tensor]:
+    """Chunked form over segments of ``segment_chunks`` chunks, the state carried between.
+
+    Segmenting keeps each step's intermediates cache-sized, so time grows linearly
+    with length instead of degrading once the per-chunk tensors outgrow the cache.
+    """
+    seg = max(1, chunk_size * segment_chunks)
+    if q.shape[2] <= seg:
+        return _chunked(q, k, v, log_gate, beta, initial_state, chunk_size)
+    s, outs = initial_state, []
+    for i in range(0, q.shape[2], seg):
+        sl = slice(i, i + seg)
+        o, s = _chunked(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_gate[..., sl],
+                        None if beta is None else beta[..., sl], s, chunk_size)
+        outs.append(o)
+    return torch.cat(outs, dim=2), s
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor | None,
+             initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
     """Chunkwise form, linear in length: quadratic inside a chunk, recurrent across.
 
     For a chunk with in-chunk cumulative log gate ``c_i``:
