@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README.md):
-#   make demo   installs, then converts and exports the embedded default model and runs it
+#   make demo   installs, then converts the embedded default model, exports it to ONNX
+#               fp32 + int8 (parity checked at export), generates with both, benches decode
 #   make test   installs, then runs the test suite (what CI runs)
 PY ?= python3
 OUT ?= out/smollm2
@@ -11,8 +12,10 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	dijiang-export convert default --out $(OUT)-torch --force
-	dijiang-export generate $(OUT)-torch --prompt "$(PROMPT)" --max-new-tokens 32
+	dijiang-export export default --out $(OUT) --formats onnx --quant fp32,int8 --force
+	dijiang-export generate $(OUT) --format onnx --quant fp32 --prompt "$(PROMPT)" --max-new-tokens 32
+	dijiang-export generate $(OUT) --format onnx --quant int8 --prompt "$(PROMPT)" --max-new-tokens 32
+	dijiang-export bench-onnx $(OUT) --quant fp32,int8
 
 test: setup
 	$(PY) -m pytest -q
