@@ -117,6 +117,14 @@ def cmd_bench_onnx(a: argparse.Namespace) -> None:
     run(a.folder, quants, ints(a.positions), ints(a.threads), a.tokens, a.rounds)
 
 
+def _add_decode_bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
+    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
+    p.add_argument("--threads", default="1,2", help="comma list of thread counts (0 = runtime default)")
+    p.add_argument("--tokens", type=int, default=32, help="decode calls timed per position and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the positions (medians reported)")
+
+
 # -- parser -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,20 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench-onnx", help="decode ms/token of an ONNX export at several positions")
     p.add_argument("folder", help="an export folder with ONNX files (manifest.json)")
-    p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
-    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
-    p.add_argument("--threads", default="1,2", help="comma list of thread counts (0 = runtime default)")
-    p.add_argument("--tokens", type=int, default=32, help="decode calls timed per position and round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the positions (medians reported)")
+    _add_decode_bench_options(p)
     p.set_defaults(fn=cmd_bench_onnx)
 
     p = sub.add_parser("bench-pte", help="decode ms/token of the .pte files at several positions, and sizes")
     p.add_argument("folder", help="an export folder with .pte files (manifest.json)")
-    p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
-    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
-    p.add_argument("--threads", default="1,2", help="comma list of thread counts (0 = runtime default)")
-    p.add_argument("--tokens", type=int, default=32, help="decode calls timed per position and round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the positions (medians reported)")
+    _add_decode_bench_options(p)
     p.set_defaults(fn=cmd_bench_pte)
 
     from .adapt.command import add_parser as add_adapt_parser

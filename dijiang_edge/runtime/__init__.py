@@ -84,6 +84,19 @@ def stream_ids(runner: Runner, prompt: list[int], max_new_tokens: int, eos_ids: 
         logits = runner.forward(np.asarray([[tok]], dtype=np.int64))[0, -1]
 
 
+def median_decode_ms(runner: Runner, tokens: int) -> float:
+    """Median ms of one single-token call from the runner's current state, feeding
+    back the greedy token (the benchmarks of every runtime time decode this way)."""
+    tok = np.array([[1]], np.int64)
+    times = []
+    for _ in range(tokens):
+        t0 = time.perf_counter()
+        logits = runner.forward(tok)
+        times.append(time.perf_counter() - t0)
+        tok = logits[:, -1:].argmax(-1).astype(np.int64)
+    return 1000 * float(np.median(times))
+
+
 def run_export_generate(a) -> None:
     """``dijiang-export generate DIR``: stream a continuation, then report tokens/s."""
     from ..exporters import read_manifest

@@ -9,12 +9,12 @@ the position.  Each position is reached by a real prefill of that many tokens; t
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DiJiangError
+from . import median_decode_ms
 from .onnx import OnnxRunner
 
 
@@ -28,14 +28,7 @@ def _prefilled(runner: OnnxRunner, pos: int, vocab: int, seed: int = 0) -> tuple
 def _decode_ms(runner: OnnxRunner, saved: tuple[list, int], tokens: int) -> float:
     """Median ms of one decode call, starting from the saved state each time."""
     runner.state, runner.pos = [s.copy() for s in saved[0]], saved[1]
-    tok = np.array([[1]], np.int64)
-    times = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        logits = runner.forward(tok)
-        times.append(time.perf_counter() - t0)
-        tok = logits[:, -1:].argmax(-1).astype(np.int64)
-    return 1000 * statistics.median(times)
+    return median_decode_ms(runner, tokens)
 
 
 def prefilled_states(folder: Path, manifest: dict, quant: str, positions: list[int],

@@ -11,12 +11,12 @@ background load hits them alike; the positions move on by ``tokens * rounds`` on
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DiJiangError
+from . import median_decode_ms
 from .executorch import PteRunner
 
 
@@ -27,27 +27,15 @@ def _prefilled(folder: Path, entry: dict, pos: int, threads: int, seed: int = 0)
     return runner
 
 
-def _decode_ms(runner: PteRunner, tokens: int) -> float:
-    """Median ms of one single-token call, feeding back the greedy token."""
-    tok = np.array([[1]], np.int64)
-    times = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        logits = runner.forward(tok)
-        times.append(time.perf_counter() - t0)
-        tok = logits[:, -1:].argmax(-1).astype(np.int64)
-    return 1000 * statistics.median(times)
-
-
 def bench_decode(folder: str | Path, entry: dict, positions: list[int], threads: int = 0,
                  tokens: int = 32, rounds: int = 3) -> dict[int, float]:
     """Median decode ms/token at each position (each reached by a real prefill)."""
     runners = {p: _prefilled(Path(folder), entry, p, threads) for p in positions}
-    _decode_ms(runners[positions[0]], 4)                                      # warm-up
+    median_decode_ms(runners[positions[0]], 4)                                      # warm-up
     runs: dict[int, list[float]] = {p: [] for p in positions}
     for _ in range(rounds):
         for p in positions:
-            runs[p].append(_decode_ms(runners[p], tokens))
+            runs[p].append(median_decode_ms(runners[p], tokens))
     return {p: statistics.median(v) for p, v in runs.items()}
 
 
