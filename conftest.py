@@ -50,6 +50,15 @@ def tiny_hf(arch: str, seed: int = 0):
 ARCHS = ["llama", "smollm2", "qwen2", "gpt_neox"]
 
 
+def word_tokenizer(folder) -> None:
+    """Write a ``tokenizer.json`` whose words ``w0 .. w96`` are the tiny models' 97 ids."""
+    from pathlib import Path
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(Path(folder) / "tokenizer.json"))
+
+
 @pytest.fixture(scope="session")
 def hf_models():
     return {a: tiny_hf(a) for a in ARCHS}

@@ -70,7 +70,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     src = resolve_source(tokenizer_source(a.model, model))
     tok = load_tokenizer(src if src.is_dir() else src.parent)
     ids = torch.tensor([tok.encode(a.prompt).ids])
-    torch.set_num_threads(a.threads) if a.threads else None
+    if a.threads:
+        torch.set_num_threads(a.threads)
     t0, n, out = time.time(), 0, []
     print(a.prompt, end="", flush=True)
     for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,

@@ -20,17 +20,10 @@ from dijiang_edge.exporters import export, read_manifest
 from dijiang_edge.parity import measure, text_ids
 from dijiang_edge.runtime import open_export, pick_entry
 from dijiang_edge.runtime.onnx import OnnxRunner
-from conftest import tiny_hf
+from conftest import tiny_hf, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BAR_FP32 = 1e-4
-
-
-def _word_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +40,7 @@ def one_thread():
 def tiny_src(tmp_path_factory):
     src = tmp_path_factory.mktemp("src") / "smollm2"
     tiny_hf("smollm2").save_pretrained(src)
-    _word_tokenizer(src)
+    word_tokenizer(src)
     return src
 
 

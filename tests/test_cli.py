@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dijiang_edge.cli import main
-from conftest import tiny_hf
+from conftest import tiny_hf, word_tokenizer
 
 
 def _run(capsys, *argv):
@@ -54,10 +54,7 @@ def test_corrupt_gguf(capsys, tmp_path):
 def test_convert_then_generate_and_refuse_existing_out(capsys, tmp_path):
     hf = tiny_hf("llama")
     hf.save_pretrained(tmp_path / "src")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    word_tokenizer(tmp_path / "src")
     out = tmp_path / "conv"
     code, _ = _run(capsys, "convert", str(tmp_path / "src"), "--out", str(out), "--variant", "normalized")
     assert code == 0 and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
