@@ -260,10 +260,12 @@ def test_repeats_are_identical(chats):
 
 def test_turn3_decodes_as_fast_as_turn1_with_fixed_memory(chats, tiny_export, tiny_model):
     _, _, timed = chats
-    per_tok = [statistics.median(turns[k].ns_per_token for turns, _ in timed) for k in range(3)]
+    # The least-disturbed conversation's figure per turn: on a shared 2-core machine a load
+    # spike only ever adds time, so the minimum over repeats estimates the intrinsic cost.
+    per_tok = [min(turns[k].ns_per_token for turns, _ in timed) for k in range(3)]
     stats_ms = [sum(turns[k].stats["decode_ms"] for turns, _ in timed) /
                 sum(turns[k].stats["generated_tokens"] for turns, _ in timed) for k in range(3)]
-    print(f"\nper-token decode, median of {REPEATS} conversations x {MAX_NEW - 1} steps: "
+    print(f"\nper-token decode, best of {REPEATS} conversations (each the median of {MAX_NEW - 1} steps): "
           + ", ".join(f"turn {k + 1} {per_tok[k] / 1e3:.1f} us" for k in range(3))
           + f" (turn3/turn1 {per_tok[2] / per_tok[0]:.3f}); runner stats: "
           + ", ".join(f"{ms * 1e3:.0f} us" for ms in stats_ms))
