@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
     p.add_argument("--quant", default="fp32", help="comma list of: fp32, int8")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--qlinear", choices=["8da8w", "8da4w", "8w"], default=None,
+    p.add_argument("--qlinear", choices=["8da8w", "8da4w"], default=None,
                    help="pte: also write a file with linears quantized so (8-bit dynamic activations + "
-                        "8/4-bit weights, or 8-bit weights only); --quant int8 = --qlinear 8da8w --qembedding 8w")
+                        "8/4-bit weights); --quant int8 = --qlinear 8da8w --qembedding 8w")
     p.add_argument("--qembedding", choices=["8w"], default=None, help="pte: 8-bit per-row embedding table")
     _add_convert_options(p)
     p.set_defaults(fn=cmd_export)

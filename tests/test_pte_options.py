@@ -14,14 +14,14 @@ from conftest import rel_err
 
 
 @pytest.mark.parametrize("label,pair", [("fp32", (None, None)), ("int8", ("8da8w", "8w")),
-                                        ("8da4w", ("8da4w", None)), ("8w+emb8w", ("8w", "8w")),
+                                        ("8da4w", ("8da4w", None)), ("8da4w+emb8w", ("8da4w", "8w")),
                                         ("emb8w", (None, "8w")), ("8da8w", ("8da8w", None))])
 def test_quant_labels_round_trip(label, pair):
     assert parse_quant(label) == pair
     assert quant_label(*pair) == label
 
 
-@pytest.mark.parametrize("bad", ["int4", "8da4w+emb4w", "fp16", ""])
+@pytest.mark.parametrize("bad", ["int4", "8da4w+emb4w", "fp16", "", "8w"])
 def test_unknown_quant_is_refused(bad):
     with pytest.raises(DiJiangError, match="--qlinear"):
         parse_quant(bad)

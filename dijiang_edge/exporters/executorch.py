@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ from ..errors import DiJiangError
 Tensor = torch.Tensor
 MAX_SEQ_LEN = 128                 # tokens per forward call (the runner chunks longer prompts)
 MAX_CONTEXT_LEN = 1 << 20         # the state is fixed-size; fp32 positions stay exact far beyond
-QLINEAR = ("8da8w", "8da4w", "8w")
+QLINEAR = ("8da8w", "8da4w")      # XNNPACK here has no weight-only (8w) linear: torchao's
+                                   # dequantize_affine has no ExecuTorch kernel, lowering fails
 QEMBEDDING = ("8w",)
 ALIASES = {"fp32": (None, None), "int8": ("8da8w", "8w")}
 DIJIANG_MARKER = "dijiang_recurrent_state"   # a constant method: tells our .pte files apart
@@ -94,16 +96,23 @@ class Int8Embedding(nn.Module):
 
 def _linear_config(qlinear: str):
     from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
-    if qlinear == "8w":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
     dtype, gran = (torch.int8, PerAxis(0)) if qlinear == "8da8w" else (torch.int4, PerGroup(32))
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=gran)
 
 
-def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None) -> nn.Module:
-    """A quantized copy of ``model`` (the original is left as it is)."""
+def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
+             calibration_ids: np.ndarray | None = None) -> nn.Module:
+    """A quantized copy of ``model`` (the original is left as it is).
+
+    Before dynamically quantized linears, activation outliers are smoothed and
+    rotated away (``outliers.prepare_for_int8``, calibrated on ``calibration_ids``):
+    the same function in fp32, much closer to it in int8."""
+    if qlinear and calibration_ids is not None:
+        from .outliers import prepare_for_int8
+        model = prepare_for_int8(model, calibration_ids)
     model = copy.deepcopy(model)
+    tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed.weight
     if qembedding:
         model.embed = Int8Embedding(model.embed.weight)
     if qlinear:
@@ -113,7 +122,7 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None) -> n
             if bad:
                 raise DiJiangError(f"8da4w quantizes in groups of 32 input channels; {bad[0]} has "
                                    f"{model.get_submodule(bad[0]).in_features}: use --qlinear 8da8w")
-        if model.lm_head.weight is getattr(model.embed, "weight", None):
+        if tied:             # the head gets its own (quantized) copy; the embedding keeps its own
             model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         quantize_(model, _linear_config(qlinear), filter_fn=lambda m, _: isinstance(m, nn.Linear))
     return model
@@ -328,13 +337,15 @@ def initialized_states(program, shape: list[int]) -> int:
 
 
 def build_pte(model: nn.Module, path: Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
-              max_context_len: int = MAX_CONTEXT_LEN) -> dict[str, Any]:
-    """Quantize, export, lower and write ``path``; returns facts for the manifest."""
+              max_context_len: int = MAX_CONTEXT_LEN, calibration_ids: np.ndarray | None = None) -> dict[str, Any]:
+    """Quantize, export, lower and write ``path``; returns facts for the manifest.
+
+    ``calibration_ids``: text for the int8 outlier treatment (none: plain quantization)."""
     if max_seq_len < 1 or max_context_len <= max_seq_len:
         raise DiJiangError(f"need 1 <= max_seq_len < max_context_len (got {max_seq_len}, {max_context_len})")
     qlinear, qembedding = parse_quant(quant)
     t0 = time.time()
-    model = quantize(model.eval(), qlinear, qembedding)
+    model = quantize(model.eval(), qlinear, qembedding, calibration_ids)
     wrapper = RecurrentLM(model).eval()
     program = lower(export_graph(wrapper, max_seq_len), runner_metadata(model, max_seq_len, max_context_len))
     n = initialized_states(program, list(model.state_shape(1)))
@@ -350,20 +361,30 @@ def build_pte(model: nn.Module, path: Path, quant: str = "fp32", max_seq_len: in
 # The manifest entry, with parity measured through the written file
 # ----------------------------------------------------------------------------
 
+def _tokenizer(out_dir: Path):
+    from ..tokenizer import load_tokenizer
+    return load_tokenizer(out_dir) if (out_dir / "tokenizer.json").exists() else None
+
+
+def calibration_ids(model: nn.Module, out_dir: Path) -> np.ndarray:
+    """Calibration text for int8 (Python's manual; parity is measured on Shakespeare)."""
+    from ..parity import text_ids
+    from .outliers import CALIBRATION_TOKENS
+    return text_ids(_tokenizer(out_dir), model.args.vocab_size, CALIBRATION_TOKENS, "pydoc")[0]
+
+
 def check(model: nn.Module, out_dir: Path, entry: dict, tokens: int) -> None:
     """Run the file with ``executorch.runtime`` against PyTorch on real text (the
     figures ``dijiang_edge.parity`` measures for every format) into ``entry``."""
     from ..parity import measure, text_ids
     from ..runtime.executorch import PteRunner
-    from ..tokenizer import load_tokenizer
-    tok = load_tokenizer(out_dir) if (out_dir / "tokenizer.json").exists() else None
-    ids, source = text_ids(tok, model.args.vocab_size, tokens)
+    ids, source = text_ids(_tokenizer(out_dir), model.args.vocab_size, tokens)
     runner = PteRunner(out_dir / entry["path"], entry)
     entry["parity"] = {"text": source, **measure(model, runner, ids)}
 
 
 def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
-           max_context_len: int = MAX_CONTEXT_LEN, parity_tokens: int = 512, **_: Any) -> list[dict]:
+           max_context_len: int = MAX_CONTEXT_LEN, parity_tokens: int = 2048, **_: Any) -> list[dict]:
     """Write ``model_<quant>.pte`` into ``out_dir``; returns its manifest entry.
 
     ``parity_tokens`` tokens of real text go through the written file and through
@@ -372,11 +393,13 @@ def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_l
     from ..runtime.executorch import sha256
     out_dir = Path(out_dir)
     name = f"model_{quant.replace('+', '_')}.pte"
-    facts = build_pte(model, out_dir / name, quant, max_seq_len, max_context_len)
+    calib = calibration_ids(model, out_dir) if parse_quant(quant)[0] else None
+    facts = build_pte(model, out_dir / name, quant, max_seq_len, max_context_len, calib)
     h, m, dv = model.state_shape(1)[1:]
     entry = {
         "format": "pte", "quant": quant, "path": name, "role": "both",
         "qlinear": facts["qlinear"], "qembedding": facts["qembedding"],
+        "int8_outliers": "smoothed + block-Hadamard rotated (outliers.py)" if calib is not None else None,
         "inputs": {"tokens": {"dtype": "int64", "shape": [1, "seq"]},
                    "start_pos": {"dtype": "int64", "shape": [1]}},
         "outputs": {"logits": {"dtype": "float32", "shape": [1, "seq", model.args.vocab_size]}},

@@ -1,0 +1,173 @@
+"""Taming activation outliers before 8-bit dynamic quantization (``8da8w``).
+
+XNNPACK's dynamically quantized linear gives each token's input row one int8 scale.
+A few large channels then cost every other channel its precision; on the adapted
+SmolLM2 that alone drops top-1 agreement with fp32 to ~91%. Two exact rewrites
+(identical in real arithmetic, checked in float64 by the tests) flatten the rows:
+
+* **smoothing** (SmoothQuant, Xiao et al. 2023): where a linear's input comes from
+  a per-channel affine op (RMSNorm / LayerNorm / the official GroupNorm) or an
+  elementwise product with a linear (the gated MLP's ``up_proj``), divide that
+  channel by ``s_j = amax(x_j)^a / amax(W_j)^(1-a)`` there and multiply column ``j``
+  of the weights by ``s_j``. ``amax(x)`` comes from calibration text.
+* **rotation** (as in QuaRot / SpinQuant, here block-diagonal): ``W x = (W R^T)(R x)``
+  with ``R`` a block-diagonal Hadamard matrix of 64 x 64 blocks, applied to the inputs
+  of the head, ``down_proj`` and ``o_proj``: outliers spread over their block. It costs
+  one small batched matmul per rotated input.
+
+Measured on the adapted SmolLM2 (2,048 tokens, torchao's 8da8w in eager PyTorch):
+top-1 agreement 90.9% plain, 93.6% smoothed, 96.5% smoothed and rotated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+Tensor = torch.Tensor
+ALPHA = 0.5          # best of 0.3 .. 0.8 on the adapted SmolLM2
+BLOCK = 64           # Hadamard block (smaller where a width is not a multiple of 64)
+CALIBRATION_TOKENS = 1024
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Orthonormal Sylvester-Hadamard matrix of order ``n`` (a power of two)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n ** 0.5).to(dtype)
+
+
+class RotatedLinear(nn.Module):
+    """``linear(x)`` computed as ``inner(R x)`` with ``inner.weight = W R^T``; ``R``
+    block-diagonal Hadamard. ``inner`` is a plain ``nn.Linear`` for the quantizer."""
+
+    def __init__(self, linear: nn.Linear, block: int = BLOCK):
+        super().__init__()
+        k, n = linear.in_features, linear.out_features
+        self.block = block
+        h = hadamard(block, torch.float64)
+        self.register_buffer("rotation", h.to(linear.weight.dtype))
+        w = (linear.weight.detach().double().reshape(n, k // block, block) @ h.T).reshape(n, k)
+        self.inner = nn.Linear(k, n, bias=linear.bias is not None, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            self.inner.weight.copy_(w)
+            if linear.bias is not None:
+                self.inner.bias.copy_(linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(*shape[:-1], shape[-1] // self.block, self.block) @ self.rotation.T
+        return self.inner(x.reshape(shape))
+
+
+# ----------------------------------------------------------------------------
+# Calibration: per-input-channel max |x| of every linear
+# ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, ids: np.ndarray, block: int = 256) -> dict[str, Tensor]:
+    """``{linear name: max |input| per channel}`` over ``ids`` fed through ``model``."""
+    amax: dict[str, Tensor] = {}
+
+    def hook(name):
+        def fn(_, inp, __):
+            a = inp[0].detach().abs().reshape(-1, inp[0].shape[-1]).amax(0).double()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        state = None
+        for i in range(0, len(ids), block):
+            _, state = model(torch.from_numpy(np.ascontiguousarray(ids[None, i:i + block], np.int64)), state)
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def smoothing_scale(amax: Tensor, weights: list[Tensor], alpha: float = ALPHA) -> Tensor:
+    wmax = torch.stack([w.detach().double().abs().amax(0) for w in weights]).amax(0)
+    s = amax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)
+    return s.clamp(1e-2, 1e2)
+
+
+def _fold_into_affine(affine: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
+    """``affine`` (norm with per-channel weight/bias) / s, the linears' columns * s."""
+    affine.weight.copy_(affine.weight.double() / s)
+    if getattr(affine, "bias", None) is not None:
+        affine.bias.copy_(affine.bias.double() / s)
+    for lin in linears:
+        lin.weight.copy_(lin.weight.double() * s)
+
+
+def _attn_inputs(attn: nn.Module) -> list[nn.Linear]:
+    names = ("query_key_value",) if hasattr(attn, "query_key_value") else ("q_proj", "k_proj", "v_proj")
+    return [getattr(attn, n) for n in names + ("gate",) if hasattr(attn, n)]
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, amax: dict[str, Tensor], alpha: float = ALPHA) -> None:
+    """SmoothQuant scales folded in place wherever the input's producer is per-channel."""
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.attn, layer.mlp
+        ins = _attn_inputs(attn)
+        first = next(n for n, m in model.named_modules() if m is ins[0])
+        _fold_into_affine(layer.input_layernorm, ins, smoothing_scale(amax[first], [m.weight for m in ins], alpha))
+        if hasattr(mlp, "up_proj"):      # gated MLP: down_proj's input is act(gate) * up
+            ups = [mlp.gate_proj, mlp.up_proj]
+            name = f"layers.{i}.mlp.gate_proj"
+            _fold_into_affine(layer.post_attention_layernorm, ups,
+                              smoothing_scale(amax[name], [m.weight for m in ups], alpha))
+            s = smoothing_scale(amax[f"layers.{i}.mlp.down_proj"], [mlp.down_proj.weight], alpha)
+            mlp.up_proj.weight.copy_(mlp.up_proj.weight.double() / s[:, None])
+            if mlp.up_proj.bias is not None:
+                mlp.up_proj.bias.copy_(mlp.up_proj.bias.double() / s)
+            mlp.down_proj.weight.copy_(mlp.down_proj.weight.double() * s)
+        else:
+            name = f"layers.{i}.mlp.dense_h_to_4h"
+            _fold_into_affine(layer.post_attention_layernorm, [mlp.dense_h_to_4h],
+                              smoothing_scale(amax[name], [mlp.dense_h_to_4h.weight], alpha))
+        if hasattr(attn, "group_norm"):  # official variant: o_proj's input is silu(gate) * GroupNorm(o)
+            out = attn.dense if hasattr(attn, "dense") else attn.o_proj
+            name = next(n for n, m in model.named_modules() if m is out)
+            _fold_into_affine(attn.group_norm, [out], smoothing_scale(amax[name], [out.weight], alpha))
+    _fold_into_affine(model.norm, [model.lm_head], smoothing_scale(amax["lm_head"], [model.lm_head.weight], alpha))
+
+
+def block_for(k: int, block: int = BLOCK) -> int:
+    """The largest power of two <= ``block`` that divides ``k`` (64 for real models)."""
+    while k % block:
+        block //= 2
+    return block
+
+
+def rotate(model: nn.Module, block: int = BLOCK) -> None:
+    """Block-Hadamard rotation of the inputs of the head and each layer's output linears."""
+    def wrap(parent: nn.Module, name: str) -> None:
+        lin = getattr(parent, name, None)
+        if isinstance(lin, nn.Linear) and block_for(lin.in_features, block) >= 8:
+            setattr(parent, name, RotatedLinear(lin, block_for(lin.in_features, block)))
+    wrap(model, "lm_head")
+    for layer in model.layers:
+        for name in ("down_proj", "dense_4h_to_h"):
+            wrap(layer.mlp, name)
+        for name in ("o_proj", "dense"):
+            wrap(layer.attn, name)
+
+
+def prepare_for_int8(model: nn.Module, calibration_ids: np.ndarray, alpha: float = ALPHA,
+                     block: int = BLOCK) -> nn.Module:
+    """A copy of ``model`` that computes the same function (up to float rounding)
+    with flatter linear inputs: smoothed on ``calibration_ids``, then rotated. The
+    head is untied from the embedding first (the embedding keeps its weights)."""
+    model = copy.deepcopy(model).eval()
+    if model.lm_head.weight is model.embed.weight:
+        model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    smooth(model, input_absmax(model, calibration_ids), alpha)
+    rotate(model, block)
+    return model
