@@ -142,6 +142,23 @@ def cmd_bench(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
 
 
+def cmd_bench_report(a: argparse.Namespace) -> None:
+    import json
+    from .benchmark.report import merge, write_report
+    from .exporters import staged_dir
+    datas = []
+    for p in a.json:
+        try:
+            datas.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DiJiangError(f"{p} is not a bench.json ({e})") from None
+    data = merge(datas)
+    with staged_dir(a.out, a.force) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(data, indent=1))
+        write_report(data, tmp)
+    print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
+
+
 def _add_decode_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
     p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
@@ -233,12 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default=None, help="context lengths (default 128,512,2048,8192,16384; "
                    "more: list them)")
     p.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2)")
-    p.add_argument("--tokens", type=int, default=32, help="decode calls timed per context (median)")
+    p.add_argument("--tokens", type=int, default=None, help="decode calls timed per context, median "
+                   "reported (default 32; 16 with --quick)")
     p.add_argument("--formats", default=None, help="comma list of onnx, pte (default: all in DIR)")
     p.add_argument("--quant", default=None, help="comma list of quantizations (default: all in DIR)")
-    p.add_argument("--quick", action="store_true", help="contexts 128,2048, 2 threads only: a few minutes")
+    p.add_argument("--quick", action="store_true", help="contexts 128,2048, 2 threads, 16 tokens: a few minutes")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("bench-report", help="one report (JSON, Markdown, PNG) from several bench.json")
+    p.add_argument("json", nargs="+", help="bench.json files of `dijiang-export bench` (same --lengths)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(fn=cmd_bench_report)
 
     from .adapt.command import add_parser as add_adapt_parser
     add_adapt_parser(sub, MODEL_HELP, _add_convert_options)

@@ -107,6 +107,9 @@ def test_bench_writes_json_markdown_and_plots(dijiang_dir, baseline_dir, tmp_pat
     assert "Decode ms/token" in md and "speed-up" in md and "floor" in md and "@64" in md
     for png in ("decode_ms.png", "memory.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    merged = tmp_path / "merged"
+    assert main(["bench-report", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
+    assert len(json.loads((merged / "bench.json").read_text())["runs"]) == 8 and (merged / "memory.png").exists()
     err = capfd.readouterr().err
     assert "[bench] dijiang onnx int8 thr=1 ctx=    64" in err          # the progress display
     assert all(p["peak_rss_bytes"] < 1 << 30 for r in runs.values() for p in r["points"])   # the child's own
@@ -134,3 +137,20 @@ def test_bench_names_a_missing_baseline_quant(tiny_src, dijiang_dir, tmp_path, c
     err = capsys.readouterr().err
     assert "no softmax file for onnx/int8" in err and "export-baseline" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_pte_baseline_equals_hf_and_benches(tiny_src, tmp_path, capfd):
+    """The ExecuTorch static-cache baseline (``llama::custom_sdpa``) against HF over two
+    prefill calls and decode steps, then ``bench`` over both .pte files (~3 min: lowering)."""
+    pytest.importorskip("executorch")
+    dj, sm = tmp_path / "dj", tmp_path / "sm"
+    export(str(tiny_src), dj, ["pte"], ["fp32"], convert_options={"chunk_size": 8}, parity_tokens=0)
+    export_baseline(str(tiny_src), sm, ["pte"], ["fp32"], parity_tokens=150, max_context_len=512)
+    e = read_manifest(sm)["files"][0]
+    assert e["attention"] == "softmax" and e["parity"]["max_rel_err"] < 1e-4
+    assert e["parity"]["greedy_agreement"] == 1.0
+    assert main(["bench", str(dj), "--baseline", str(sm), "--out", str(tmp_path / "r"), "--lengths", "16,200",
+                 "--threads", "1", "--tokens", "4"]) == 0
+    data = json.loads((tmp_path / "r" / "bench.json").read_text())
+    assert {(r["format"], r["attention"]) for r in data["runs"]} == {("pte", "dijiang"), ("pte", "softmax")}

@@ -68,13 +68,14 @@ def _check_baselines(dijiang: list[dict], softmax: list[dict]) -> None:
 
 
 def bench(folders: list[str | Path], baselines: list[str | Path] | None = None, out: str | Path = "out/bench",
-          lengths: list[int] | None = None, threads: list[int] | None = None, tokens: int = 32,
+          lengths: list[int] | None = None, threads: list[int] | None = None, tokens: int | None = None,
           formats: list[str] | None = None, quants: list[str] | None = None, quick: bool = False,
           force: bool = False) -> dict:
     """Measure, then write ``out/bench.json``, ``out/report.md``, ``out/*.png``; returns the JSON."""
     from ..exporters import staged_dir
     lengths = sorted(lengths or (QUICK_LENGTHS if quick else LENGTHS))
     threads = threads or ([2] if quick else THREADS)
+    tokens = tokens or (16 if quick else 32)
     if tokens < 1 or not lengths or lengths[0] < 1:
         raise DiJiangError("need --tokens >= 1 and positive --lengths")
     dijiang = [r for f in folders for r in runnable(f, formats, quants)]

@@ -21,6 +21,8 @@ import numpy as np
 from ..errors import DiJiangError
 
 WARMUP_TOKENS = 4
+PREFILL_CALL = 512      # tokens per forward call in prefill: the logits of a whole 16k prompt
+                        # (16k x vocab floats, 3 GB for SmolLM2) would swamp the memory figures
 
 
 def rss_bytes() -> tuple[int, int]:
@@ -63,8 +65,10 @@ def measure(folder: str, path: str, threads: int, lengths: list[int], tokens: in
     for n in lengths:
         todo = n - runner.pos
         if todo > 0:
+            prompt = ids(todo)
             t0 = time.perf_counter()
-            runner.forward(ids(todo))
+            for i in range(0, todo, PREFILL_CALL):      # logits of one call at a time, as a runner keeps
+                runner.forward(prompt[:, i:i + PREFILL_CALL])
             prefill_s += time.perf_counter() - t0
             prefilled += todo
         at = runner.pos
@@ -87,11 +91,16 @@ def in_subprocess(folder: str, path: str, threads: int, lengths: list[int], toke
     spec = json.dumps({"folder": str(folder), "path": path, "threads": threads, "lengths": lengths,
                        "tokens": tokens, "label": label})
     code = f"import sys; from {__name__} import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, spec], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, spec], stdout=subprocess.PIPE, text=True)
+    try:
+        stdout, _ = proc.communicate()
+    except BaseException:                      # interrupted: take the measurement down with us
+        proc.kill()
+        raise
     if proc.returncode != 0:
         raise DiJiangError(f"measuring {folder}/{path} with {threads} thread(s) failed (exit "
                            f"{proc.returncode}); see the lines above")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str]) -> int:

@@ -76,12 +76,12 @@ def memory_table(data: dict) -> list[str]:
 def floor_table(data: dict) -> list[str]:
     n0 = data["settings"]["lengths"][0]
     rows = [f"| runtime | quant | threads | attention | bandwidth GB/s | floor ms/token | decode ms @{n0} | "
-            f"decode / floor |", "|---|---|---|---|---|---|---|---|"]
+            f"decode / floor | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["runs"]:
         ms = _ms(r)[n0]
         bw = data["bandwidth_bytes_per_s"][str(r["threads"])]
         rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {r['attention']} | {bw / 1e9:.2f} | "
-                    f"{r['floor_ms']:.1f} | {ms:.2f} | {ms / r['floor_ms']:.2f} |")
+                    f"{r['floor_ms']:.1f} | {ms:.2f} | {ms / r['floor_ms']:.2f} | {r['peak_rss_bytes'] / MB:.0f} |")
     return rows
 
 
@@ -96,7 +96,7 @@ def checks(data: dict) -> list[str]:
         tag = f"{d['format']} {d['quant']} {d['threads']} thr"
         flat = ms[hi] / ms[lo]
         out.append(f"- {tag}: DiJiang decode @{hi} / @{lo} = {flat:.2f} "
-                   f"({'within' if flat <= 1.15 else 'NOT within'} 15%)")
+                   f"({'within' if abs(flat - 1) <= 0.15 else 'NOT within'} 15%)")
         if s and mid:
             sm = _ms(s)
             out.append(f"- {tag}: speed-up vs softmax @{mid} = {sm[mid] / ms[mid]:.2f}x "
@@ -164,8 +164,7 @@ def plots(data: dict, out: Path) -> list[str]:
         a2.plot([p["context"] for p in r["points"]], [p["peak_rss_bytes"] / MB for p in r["points"]], style,
                 marker="o", label=f"{name} {r['threads']} thr")
     for ax, title in ((a1, "state / KV cache (MB)"), (a2, "peak RSS of the process (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
+        ax.set_xlabel("context length (tokens, linear axis)")
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -178,3 +177,16 @@ def write_report(data: dict, out: Path) -> list[str]:
     """``report.md`` and the plots into ``out``; returns the file names."""
     (out / "report.md").write_text(markdown(data))
     return ["report.md", *plots(data, out)]
+
+
+def merge(datas: list[dict]) -> dict:
+    """One report from several ``bench.json`` of the same lengths (e.g. one per
+    quantization or thread count, run separately to fit a time budget)."""
+    lengths = {tuple(d["settings"]["lengths"]) for d in datas}
+    if len(lengths) != 1:
+        from ..errors import DiJiangError
+        raise DiJiangError(f"can only merge reports of the same --lengths (got {sorted(lengths)})")
+    out = {**datas[0], "runs": [r for d in datas for r in d["runs"]], "merged_from": [d["created"] for d in datas]}
+    out["bandwidth_bytes_per_s"] = {k: v for d in datas for k, v in d["bandwidth_bytes_per_s"].items()}
+    out["settings"] = {**datas[0]["settings"], "threads": sorted({t for d in datas for t in d["settings"]["threads"]})}
+    return out
