@@ -138,7 +138,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         raise DiJiangError("give --baseline DIR (a softmax baseline made with `dijiang-export export-baseline "
                            "MODEL --out DIR`) or --no-baseline to measure the DiJiang files alone")
     bench(a.folders, None if a.no_baseline else a.baseline, a.out, ints(a.lengths), ints(a.threads),
-          a.tokens, _list(a.formats), _list(a.quant), a.quick, a.force)
+          a.tokens, _list(a.formats), _list(a.quant), a.quick, a.force, a.bandwidth_mib)
     print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
 
 
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default=None, help="comma list of onnx, pte (default: all in DIR)")
     p.add_argument("--quant", default=None, help="comma list of quantizations (default: all in DIR)")
     p.add_argument("--quick", action="store_true", help="contexts 128,2048, 2 threads, 16 tokens: a few minutes")
+    p.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="buffer of the bandwidth measurement (default 1024 MiB; 256 with --quick)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(fn=cmd_bench)
 

@@ -90,7 +90,7 @@ def test_onnx_baseline_equals_hf(tiny_src, baseline_dir):
 def test_bench_writes_json_markdown_and_plots(dijiang_dir, baseline_dir, tmp_path, capfd):
     out = tmp_path / "report"
     assert main(["bench", str(dijiang_dir), "--baseline", str(baseline_dir), "--out", str(out),
-                 "--lengths", "16,64", "--threads", "1", "--tokens", "4"]) == 0
+                 "--lengths", "16,64", "--threads", "1", "--tokens", "4", "--bandwidth-mib", "64"]) == 0
     data = json.loads((out / "bench.json").read_text())
     assert set(data) >= {"machine", "bandwidth_bytes_per_s", "settings", "runs"}
     assert data["bandwidth_bytes_per_s"]["1"] > 1e8
@@ -151,6 +151,6 @@ def test_pte_baseline_equals_hf_and_benches(tiny_src, tmp_path, capfd):
     assert e["attention"] == "softmax" and e["parity"]["max_rel_err"] < 1e-4
     assert e["parity"]["greedy_agreement"] == 1.0
     assert main(["bench", str(dj), "--baseline", str(sm), "--out", str(tmp_path / "r"), "--lengths", "16,200",
-                 "--threads", "1", "--tokens", "4"]) == 0
+                 "--threads", "1", "--tokens", "4", "--bandwidth-mib", "64"]) == 0
     data = json.loads((tmp_path / "r" / "bench.json").read_text())
     assert {(r["format"], r["attention"]) for r in data["runs"]} == {("pte", "dijiang"), ("pte", "softmax")}

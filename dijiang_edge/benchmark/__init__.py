@@ -70,7 +70,7 @@ def _check_baselines(dijiang: list[dict], softmax: list[dict]) -> None:
 def bench(folders: list[str | Path], baselines: list[str | Path] | None = None, out: str | Path = "out/bench",
           lengths: list[int] | None = None, threads: list[int] | None = None, tokens: int | None = None,
           formats: list[str] | None = None, quants: list[str] | None = None, quick: bool = False,
-          force: bool = False) -> dict:
+          force: bool = False, bandwidth_mib: int | None = None) -> dict:
     """Measure, then write ``out/bench.json``, ``out/report.md``, ``out/*.png``; returns the JSON."""
     from ..exporters import staged_dir
     lengths = sorted(lengths or (QUICK_LENGTHS if quick else LENGTHS))
@@ -95,7 +95,7 @@ def bench(folders: list[str | Path], baselines: list[str | Path] | None = None, 
     progress(f"{len(dijiang) + len(softmax)} file(s) x {len(threads)} thread count(s), contexts {lengths}")
     bw = {}
     for t in sorted(set(threads)):
-        bw[str(t)] = M.bandwidth(t, 256 if quick else 1024)
+        bw[str(t)] = M.bandwidth(t, bandwidth_mib or (256 if quick else 1024))
         progress(f"read bandwidth with {t} thread(s): {bw[str(t)] / 1e9:.2f} GB/s")
     data = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": M.machine(),
             "bandwidth_bytes_per_s": bw,
@@ -112,7 +112,7 @@ def bench(folders: list[str | Path], baselines: list[str | Path] | None = None, 
                 "folder": r["folder"], "path": e["path"], "format": e["format"], "quant": e["quant"],
                 "attention": att, "graph": e.get("graph", e["format"]), "source": man.get("source", {}),
                 "file_bytes": file_bytes(r["folder"], e), "weights_read": wr,
-                "floor_ms": M.floor_ms(wr["bytes"], bw[str(t)]),
+                "bandwidth_bytes_per_s": bw[str(t)], "floor_ms": M.floor_ms(wr["bytes"], bw[str(t)]),
                 "cache_bytes": cache_bytes(man, e, lengths), **res})
     with staged_dir(out, force) as tmp:
         (tmp / "bench.json").write_text(json.dumps(data, indent=1))

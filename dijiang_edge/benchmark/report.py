@@ -79,7 +79,7 @@ def floor_table(data: dict) -> list[str]:
             f"decode / floor | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["runs"]:
         ms = _ms(r)[n0]
-        bw = data["bandwidth_bytes_per_s"][str(r["threads"])]
+        bw = r.get("bandwidth_bytes_per_s") or data["bandwidth_bytes_per_s"][str(r["threads"])]
         rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {r['attention']} | {bw / 1e9:.2f} | "
                     f"{r['floor_ms']:.1f} | {ms:.2f} | {ms / r['floor_ms']:.2f} | {r['peak_rss_bytes'] / MB:.0f} |")
     return rows
@@ -110,7 +110,9 @@ def checks(data: dict) -> list[str]:
 def markdown(data: dict) -> str:
     st = data["settings"]
     m = data["machine"]
-    bw = ", ".join(f"{t} thread(s) {b / 1e9:.2f} GB/s" for t, b in data["bandwidth_bytes_per_s"].items())
+    seen = sorted({(r["threads"], r.get("bandwidth_bytes_per_s") or data["bandwidth_bytes_per_s"][str(r["threads"])])
+                   for r in data["runs"]})
+    bw = ", ".join(f"{t} thread(s) {b / 1e9:.2f} GB/s" for t, b in seen)
     parts = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB; load average at "
         f"start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. onnxruntime {m['onnxruntime']}"
@@ -186,7 +188,11 @@ def merge(datas: list[dict]) -> dict:
     if len(lengths) != 1:
         from ..errors import DiJiangError
         raise DiJiangError(f"can only merge reports of the same --lengths (got {sorted(lengths)})")
-    out = {**datas[0], "runs": [r for d in datas for r in d["runs"]], "merged_from": [d["created"] for d in datas]}
+    runs = [{"bandwidth_bytes_per_s": d["bandwidth_bytes_per_s"][str(r["threads"])], **r}
+            for d in datas for r in d["runs"]]           # each run keeps the bandwidth of its own session
+    out = {**datas[0], "runs": runs, "merged_from": [d["created"] for d in datas]}
+    out["machine"] = {**datas[0]["machine"], "load_average_at_start":
+                      max((d["machine"]["load_average_at_start"] for d in datas), key=lambda x: x[0])}
     out["bandwidth_bytes_per_s"] = {k: v for d in datas for k, v in d["bandwidth_bytes_per_s"].items()}
     out["settings"] = {**datas[0]["settings"], "threads": sorted({t for d in datas for t in d["settings"]["threads"]})}
     return out
