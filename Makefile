@@ -2,11 +2,13 @@
 #   make demo   installs, then converts the embedded default model, exports it to ONNX
 #               fp32 + int8 (parity checked at export), generates with both, benches decode
 #   make test   installs, then runs the test suite (what CI runs)
+#   make bench  DiJiang vs the softmax KV-cache baseline (ONNX fp32 + int8) -> out/bench
+#               (BENCH_FLAGS=--quick for a few minutes)
 PY ?= python3
 OUT ?= out/smollm2
 PROMPT ?= The three most useful things to pack for a long hike are
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo test test-slow bench
 
 setup:
 	bash scripts/setup.sh
@@ -22,3 +24,8 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+bench: setup
+	[ -f $(OUT)/manifest.json ] || dijiang-export export default --out $(OUT) --formats onnx --quant fp32,int8
+	[ -f $(OUT)-softmax/manifest.json ] || dijiang-export export-baseline default --out $(OUT)-softmax --formats onnx --quant fp32,int8
+	dijiang-export bench $(OUT) --baseline $(OUT)-softmax --quant fp32,int8 --out out/bench --force $(BENCH_FLAGS)

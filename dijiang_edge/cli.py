@@ -118,6 +118,47 @@ def cmd_bench_onnx(a: argparse.Namespace) -> None:
     run(a.folder, quants, ints(a.positions), ints(a.threads), a.tokens, a.rounds)
 
 
+def _list(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def cmd_export_baseline(a: argparse.Namespace) -> None:
+    from .exporters.baseline import export_baseline
+    m = export_baseline(a.model, a.out, _list(a.formats), _list(a.quant), force=a.force,
+                        parity_tokens=a.parity_tokens)
+    for f in m["files"]:
+        print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} softmax KV cache  {f.get('parity', {})}")
+    print(f"wrote {a.out}/manifest.json")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .benchmark import bench
+    ints = lambda s: [int(x) for x in _list(s)] if s else None
+    if a.baseline is None and not a.no_baseline:
+        raise DiJiangError("give --baseline DIR (a softmax baseline made with `dijiang-export export-baseline "
+                           "MODEL --out DIR`) or --no-baseline to measure the DiJiang files alone")
+    bench(a.folders, None if a.no_baseline else a.baseline, a.out, ints(a.lengths), ints(a.threads),
+          a.tokens, _list(a.formats), _list(a.quant), a.quick, a.force, a.bandwidth_mib)
+    print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
+
+
+def cmd_bench_report(a: argparse.Namespace) -> None:
+    import json
+    from .benchmark.report import merge, write_report
+    from .exporters import staged_dir
+    datas = []
+    for p in a.json:
+        try:
+            datas.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DiJiangError(f"{p} is not a bench.json ({e})") from None
+    data = merge(datas)
+    with staged_dir(a.out, a.force) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(data, indent=1))
+        write_report(data, tmp)
+    print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
+
+
 def _add_decode_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
     p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
@@ -188,6 +229,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="an export folder with .pte files (manifest.json)")
     _add_decode_bench_options(p)
     p.set_defaults(fn=cmd_bench_pte)
+
+    p = sub.add_parser("export-baseline", help="export the original model with a softmax KV cache "
+                       "(the baseline of `bench`), checked against Hugging Face")
+    p.add_argument("model", help="the Hugging Face source model (folder, .gguf, or 'default')")
+    p.add_argument("--out", required=True, help="output folder (manifest.json marks files attention: softmax)")
+    p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
+    p.add_argument("--quant", default="fp32,int8", help="comma list of: fp32, int8 (the DiJiang recipes)")
+    p.add_argument("--parity-tokens", type=int, default=64, help="prefill tokens checked against HF (0: skip)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(fn=cmd_export_baseline)
+
+    p = sub.add_parser("bench", help="decode/prefill time, memory and the bandwidth floor of DiJiang files "
+                       "vs the softmax KV-cache baseline; JSON, Markdown and PNG report")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="DiJiang export folder(s)")
+    p.add_argument("--baseline", nargs="+", metavar="BASEDIR", default=None,
+                   help="softmax baseline folder(s) from `dijiang-export export-baseline`")
+    p.add_argument("--no-baseline", action="store_true", help="measure the DiJiang files alone")
+    p.add_argument("--out", default="out/bench", help="report folder (bench.json, report.md, *.png)")
+    p.add_argument("--lengths", default=None, help="context lengths (default 128,512,2048,8192,16384; "
+                   "more: list them)")
+    p.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2)")
+    p.add_argument("--tokens", type=int, default=None, help="decode calls timed per context, median "
+                   "reported (default 32; 16 with --quick)")
+    p.add_argument("--formats", default=None, help="comma list of onnx, pte (default: all in DIR)")
+    p.add_argument("--quant", default=None, help="comma list of quantizations (default: all in DIR)")
+    p.add_argument("--quick", action="store_true", help="contexts 128,2048, 2 threads, 16 tokens: a few minutes")
+    p.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="buffer of the bandwidth measurement (default 1024 MiB; 256 with --quick)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("bench-report", help="one report (JSON, Markdown, PNG) from several bench.json")
+    p.add_argument("json", nargs="+", help="bench.json files of `dijiang-export bench` (same --lengths)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(fn=cmd_bench_report)
 
     from .adapt.command import add_parser as add_adapt_parser
     add_adapt_parser(sub, MODEL_HELP, _add_convert_options)

@@ -50,9 +50,14 @@ def open_export(folder: str | Path, format: str | None = None, quant: str | None
                 threads: int = 0) -> Runner:
     from ..exporters import read_manifest
     manifest = read_manifest(folder)
-    entry = pick_entry(manifest, format, quant)
+    return open_entry(folder, pick_entry(manifest, format, quant), manifest, threads)
+
+
+def open_entry(folder: str | Path, entry: dict, manifest: dict, threads: int = 0) -> Runner:
+    """The runner of one manifest ``entry`` (DiJiang or softmax baseline, any format)."""
+    name = "kv_cache" if entry.get("attention") == "softmax" else RUNTIMES[entry["format"]]
     try:
-        mod = import_module(f".{RUNTIMES[entry['format']]}", __name__)
+        mod = import_module(f".{name}", __name__)
     except ImportError as e:
         raise DiJiangError(f"running {entry['format']} files needs {e.name}; install it "
                            f"(`pip install onnxruntime` or `pip install executorch`)") from None

@@ -58,14 +58,15 @@ class PteRunner:
     stock runner does with long prompts.
     """
 
-    def __init__(self, path: str | Path, entry: dict | None = None, threads: int = 0):
+    def __init__(self, path: str | Path, entry: dict | None = None, threads: int = 0,
+                 marker: str = MARKER):
         path = Path(path)
         self.entry = entry or {"format": "pte", "quant": "?", "path": path.name}
         self._check_file(path)
         set_threads(threads)
         self.program = _load_program(path)
         names = self.program.method_names
-        missing = [m for m in ("forward", MARKER) + RUNNER_METHODS if m not in names]
+        missing = [m for m in ("forward", marker) + RUNNER_METHODS if m not in names]
         if missing:
             raise DiJiangError(f"{path} was not written by dijiang-export (it lacks the methods "
                                f"{', '.join(missing)}; it has {', '.join(sorted(names))}); export the "

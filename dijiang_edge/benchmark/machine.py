@@ -1,0 +1,99 @@
+"""The machine and the floor: what no runtime can beat on it.
+
+A decode step must read every weight it uses once (the activations are tiny at
+batch 1), so ``weight bytes read per token / memory bandwidth`` is a lower bound on
+the decode time.  Bandwidth is measured here (numpy max reductions over a buffer far larger
+than the caches, best of N, with 1 and 2 threads), weight bytes are counted from the
+file the runner reads: everything but the embedding table, of which one row is read
+per token (a tied head is a separate matrix in these files and is counted).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+def bandwidth(threads: int = 1, mib: int = 1024, repeats: int = 5) -> float:
+    """Best-of-``repeats`` read bandwidth in bytes/s: ``threads`` numpy ``max`` reductions
+    over disjoint parts of a ``mib`` MiB float32 buffer (numpy releases the GIL there).
+    ``max`` is SIMD-vectorized and memory-bound here; ``sum`` (pairwise) measured ~2x
+    lower on this machine, i.e. compute-bound, which would make the floor too lenient."""
+    a = np.ones(mib * 2**20 // 4, np.float32)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+    info = {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_bytes": mem,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+            "load_average_at_start": list(os.getloadavg())}
+    try:
+        from importlib.metadata import version
+        info["executorch"] = version("executorch")
+    except Exception:
+        pass
+    return info
+
+
+def _onnx_initializer_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of all initializers, bytes of gathered tables minus one row each) of a graph."""
+    import onnx
+    mp = onnx.load(str(path), load_external_data=False)
+    size = {}
+    for t in mp.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        size[t.name] = (int(ext["length"]) if "length" in ext else len(t.raw_data), list(t.dims))
+    gathered = {n.input[0] for n in mp.graph.node if n.op_type == "Gather" and n.input[0] in size}
+    unread = sum(b - b // d[0] for name, (b, d) in size.items() if name in gathered and len(d) == 2 and d[0] > 1)
+    return sum(b for b, _ in size.values()), unread
+
+
+def weight_bytes_per_token(folder: str | Path, entry: dict, manifest: dict) -> dict:
+    """Weight bytes a decode step of ``entry`` reads, and how they were counted."""
+    folder = Path(folder)
+    m = manifest["model"]
+    if entry["format"] == "onnx":
+        from ..runtime.onnx import companion
+        dec = entry if entry.get("attention") == "softmax" else companion(manifest, entry, "decode")
+        total, unread = _onnx_initializer_bytes(folder / dec["path"])
+        return {"bytes": total - unread, "file": dec["path"], "initializer_bytes": total,
+                "embedding_rows_not_read": unread, "method": "ONNX initializers of the decode graph "
+                "minus the rows of gathered tables that one token does not read"}
+    size = (folder / entry["path"]).stat().st_size
+    per = 1 if entry.get("qembedding") else 4
+    table = m["vocab_size"] * m["hidden_size"] * per
+    unread = table - table // m["vocab_size"]
+    return {"bytes": size - unread, "file": entry["path"], "file_bytes": size,
+            "embedding_rows_not_read": unread, "method": ".pte file size minus the embedding rows one "
+            "token does not read (table size from the manifest's shape and the embedding recipe)"}
+
+
+def floor_ms(weight_bytes: int, bytes_per_s: float) -> float:
+    return 1000.0 * weight_bytes / bytes_per_s

@@ -1,0 +1,66 @@
+"""Runners of the softmax KV-cache baseline files (``"attention": "softmax"``), with the
+``Runner`` interface of the DiJiang runners so one benchmark drives both.
+
+* ONNX: the cache is the ``present`` outputs fed back as ``past_key_values`` (numpy),
+  growing by the call's tokens; prompts go in ``prefill_block``-token calls.
+* ``.pte``: the cache lives in the program's buffers (static, ``max_context_len``
+  positions), as in ExecuTorch's own LLM export; the runner keeps the position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DiJiangError
+from .onnx import session
+
+
+class KvOnnxRunner:
+    """``forward(ids [B, T]) -> logits [B, T, V]``, the KV cache carried between calls."""
+
+    def __init__(self, folder: Path, entry: dict, threads: int = 0, verify: bool = True):
+        self.entry = entry
+        self.sess = session(Path(folder), entry, threads, verify)
+        self.names = [p["name"] for p in entry["inputs"]["past_key_values"]]
+        _, self.kv_heads, _, self.head_dim = entry["inputs"]["past_key_values"][0]["shape"]
+        self.block = int(entry.get("prefill_block", 0)) or 1 << 30
+        self.reset()
+
+    def reset(self, batch: int = 1) -> None:
+        self.cache = [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.names]
+        self.pos = 0
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.cache)
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        b, t = ids.shape
+        feed = {"input_ids": ids, "attention_mask": np.ones((b, self.pos + t), np.int64),
+                "position_ids": np.broadcast_to(np.arange(self.pos, self.pos + t, dtype=np.int64), (b, t)).copy()}
+        feed.update(zip(self.names, self.cache))
+        out = self.sess.run(None, feed)
+        self.cache, self.pos = out[1:], self.pos + t
+        return out[0]
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise DiJiangError(f"input ids must have shape [batch, seq>0], got {list(ids.shape)}")
+        if self.pos == 0 and ids.shape[0] != self.cache[0].shape[0]:
+            self.reset(ids.shape[0])
+        parts = [self._run(ids[:, i:i + self.block]) for i in range(0, ids.shape[1], self.block)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def open(folder: Path, entry: dict, manifest: dict, threads: int = 0):   # noqa: A001
+    """The ``Runner`` of a softmax baseline entry (``runtime.open_export`` calls this)."""
+    if entry["format"] == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise DiJiangError("running .onnx files needs onnxruntime: `pip install onnxruntime`") from None
+        return KvOnnxRunner(Path(folder), entry, threads)
+    from .executorch import PteRunner
+    return PteRunner(Path(folder) / entry["path"], entry, threads, marker="softmax_kv_cache")
