@@ -363,3 +363,35 @@ def _qemu_trace(args: list[str], timeout: float | None) -> dict[str, int]:
         raise DiJiangError("qemu's trace showed no instructions in dj_decode_step: is the runner built "
                            "with its symbols (export/runner/build.sh)?")
     return counts
+
+
+# -- benchmark: x86 times beside instruction counts --------------------------------------
+
+def bench(folder: str | Path, arches: Sequence[str] = ARCHES, quants: Sequence[str] | None = None,
+          tokens: int = 32, count_tokens: int = 4, prompt_len: int = 8, threads: int = 1) -> list[dict]:
+    """Per ``.pte`` file and arch: median decode ms/token of the C++ runner (native
+    arch: a latency; emulated: only how long qemu took), and instructions per decoded
+    token (the stable cost figure of the ARM64 path). Prints a table; returns the rows."""
+    from ..exporters import read_manifest
+    from .pte_bench import pte_entries
+    for a in arches:
+        _check_arch(a)
+        _require(a)
+    folder = Path(folder)
+    entries = pte_entries(read_manifest(folder), list(quants) if quants else None)
+    prompt = [(7 * i + 3) % 50 + 3 for i in range(prompt_len)]
+    print(f"{'.pte file':<24} {'quant':<6} {'arch':<8} {'decode ms/token':>32} {'instr/token':>12} "
+          f"{f'prefill instr ({prompt_len} tok)':>22}  method")
+    rows = []
+    for e in entries:
+        pte = folder / e["path"]
+        for a in arches:
+            r = run_pte(pte, prompt, tokens + 1, a, threads=threads)
+            ms = float(np.median(r.decode_ms))
+            c = instructions_per_token(pte, a, prompt_len, count_tokens + 1)
+            label = f"{ms:.3f} ({threads} thr)" if not emulated(a) else f"({ms:.1f} emulated, not a latency)"
+            print(f"{e['path']:<24} {e['quant']:<6} {a:<8} {label:>32} {c['decode_instructions_per_token'] / 1e6:>11.2f}M "
+                  f"{c['prefill_instructions'] / 1e6:>21.2f}M  {c['method']}", flush=True)
+            rows.append({"path": e["path"], "quant": e["quant"], "arch": a, "emulated": emulated(a),
+                         "decode_ms": ms, "threads": threads, **c})
+    return rows
