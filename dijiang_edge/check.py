@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -125,13 +126,18 @@ def fp32_floor(model, ids: np.ndarray) -> float:
 
 
 def path_logits(model, prompt: np.ndarray, tokens: list[int]) -> np.ndarray:
-    """PyTorch's logits ``[len(tokens), V]`` teacher-forced on a runner's greedy path:
-    row ``s`` is what PyTorch would predict for token ``s`` given the same history."""
-    import torch
-    seq = np.concatenate([prompt, np.asarray(tokens[:-1], np.int64)])
-    with torch.no_grad():
-        lg = model(torch.from_numpy(seq[None]))[0][0].float().numpy()
-    return lg[len(prompt) - 1:]
+    """PyTorch's logits ``[len(tokens), V]`` on a runner's greedy path, computed as the
+    runner does (prefill the prompt, then one recurrent step per token): row ``s`` is
+    what PyTorch predicts for token ``s`` given the same history."""
+    from .parity import BLOCK, _torch_step
+    state, rows = None, []
+    for i in range(0, len(prompt), BLOCK):
+        lg, state = _torch_step(model, prompt[i:i + BLOCK], state)
+    rows.append(lg[-1])
+    for t in tokens[:-1]:
+        lg, state = _torch_step(model, np.array([t], np.int64), state)
+        rows.append(lg[-1])
+    return np.stack(rows)
 
 
 # -- tiers ---------------------------------------------------------------------------
@@ -261,23 +267,39 @@ def check_folder(folder: str | Path, target: str | None = None, model: str | Non
     ref = Reference(ref_model, ids, prompt=PROMPT, decode=DECODE, greedy=GREEDY)
     print(f"checking {folder} against {src} on {len(ids)} tokens of English text ({text})"
           + (f", target {prof['name']} ({prof['arch']})" if prof else ""), file=out, flush=True)
-    rows = []
-    for label, entry in todo:
-        for tier in (t for t in tiers if t in TIERS_OF_FORMAT[entry["format"]]):
-            row = Row(label, entry["format"], entry["quant"], tier)
-            try:
-                row.fig = (python_tier(folder, entry, manifest, ref_model, ref, threads) if tier == "x86-python"
-                           else native_tier(tier, folder, entry, ref_model, ref, threads))
-            except _Skip as e:
-                row.verdict, row.note = "SKIP", str(e)
-            except DiJiangError as e:
-                row.verdict, row.note = "FAIL", str(e)
-            rows.append(row)
+    rows = run_rows(folder, manifest, todo, tiers, ref_model, ref, threads)
     floor = fp32_floor(ref_model, ids[:256]) if needs_floor(rows) else None
     for r in rows:
         if r.fig:
             judge(r, floor)
     print_table(rows, out)
+    return summary(rows, src, out)
+
+
+def run_rows(folder: Path, manifest: dict, todo: list[tuple[str, dict]], tiers: tuple[str, ...], model, ref,
+             threads: int) -> list[Row]:
+    """One row per file and tier; a file that cannot run is a FAIL row, not an abort."""
+    rows = []
+    for label, entry in todo:
+        for tier in (t for t in tiers if t in TIERS_OF_FORMAT[entry["format"]]):
+            row = Row(label, entry["format"], entry["quant"], tier)
+            print(f"[check] {label} on the {TIERS[tier]} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:
+                row.fig = (python_tier(folder, entry, manifest, model, ref, threads) if tier == "x86-python"
+                           else native_tier(tier, folder, entry, model, ref, threads))
+            except _Skip as e:
+                row.verdict, row.note = "SKIP", str(e)
+            except DiJiangError as e:
+                row.verdict, row.note = "FAIL", str(e)
+            rows.append(row)
+            what = {"SKIP": "skipped", "FAIL": "failed to run"}.get(row.verdict, "measured")
+            print(f"[check] {label} on the {TIERS[tier]}: {what} in {time.perf_counter() - t0:.1f}s",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def summary(rows: list[Row], src: str, out: TextIO) -> bool:
     n = {v: sum(r.verdict == v for r in rows) for v in ("PASS", "FAIL", "SKIP")}
     print(f"{n['PASS']} passed, {n['FAIL']} failed, {n['SKIP']} skipped (bars: fp32 rel err <= "
           f"{BARS['fp32_max_rel_err']:.0e} and greedy identical; int8 top-1 >= "

@@ -215,3 +215,18 @@ def test_native_tier_with_wrong_logits_fails(folder, capsys, monkeypatch):
     assert code == 1, out
     native = [r for r in _rows(out) if "native" in r]
     assert "FAIL" in native[0] and "decode rel err" in out, out
+
+
+@pytest.mark.slow
+def test_check_on_emulated_arm64(folder, tmp_path, capsys):
+    """The real aarch64 tier: the .pte through the cross-built C++ runner and the ONNX files
+    through onnxruntime's aarch64 wheel, both under qemu (minutes on 2 cores)."""
+    from dijiang_edge.runtime import native
+    why = native.missing_tools("aarch64")
+    if why:
+        pytest.skip(f"ARM64 emulation tools missing: {why}")
+    arm = tmp_path / "arm.toml"
+    arm.write_text(BOARD.replace('"x86_64"', '"aarch64"'))
+    code, out, _ = _check(capsys, folder, "--target", arm, "--tokens", "100")
+    emulated = [r for r in _rows(out) if "emulated" in r]
+    assert code == 0 and len(emulated) == 3 and all("PASS" in r and "32/32" in r for r in emulated), out
