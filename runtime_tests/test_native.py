@@ -78,13 +78,14 @@ def test_runner_prints_tokens_and_timings(tiny):
     assert f"tokens: {','.join(map(str, want))}" in p.stdout and "ms/token" in p.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
-def test_instruction_count_is_stable_and_grows_with_the_model(tiny):
+def test_instruction_count_is_stable(tiny):
     folder, _ = tiny
     a = native.instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=4, new_tokens=3)
     b = native.instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=4, new_tokens=3)
     assert a["method"] == "callgrind" and a["decode_instructions_per_token"] > 0
-    # deterministic to within allocator noise; a prefill of 16 tokens costs more than one of 4
+    # deterministic up to allocator noise; a prefill of 16 tokens costs more than one of 4
     assert abs(a["decode_instructions_per_token"] / b["decode_instructions_per_token"] - 1) < 0.01
     c = native.instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=16, new_tokens=2)
     assert c["prefill_instructions"] > a["prefill_instructions"]
@@ -143,6 +144,7 @@ def test_missing_or_mismatched_runtime_library(tiny, tmp_path):
     assert "do not match" in str(native._fail("running", "x86_64", p))
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_cli_bench_native(tiny, capsys):
     folder, _ = tiny
     assert main(["bench-native", str(folder), "--arch", "x86_64", "--tokens", "8", "--count-tokens", "2"]) == 0

@@ -4,7 +4,8 @@
 #
 #   qemu-user 10 from bookworm-backports   Debian 12's qemu 7.2 crashes onnxruntime and
 #                                          computes wrong XNNPACK int8 results
-#   g++-aarch64-linux-gnu                  cross-compiles export/runner (the C++ .pte runner)
+#   g++-aarch64-linux-gnu, g++, valgrind   build export/runner (the C++ .pte runner) for
+#                                          aarch64 and x86_64; callgrind counts x86 instructions
 #   $DIJIANG_ARM64_ROOT/sysroot            arm64 Debian libc + Python 3.11 (run under qemu)
 #   $DIJIANG_ARM64_ROOT/site               aarch64 wheels: executorch (libs + headers the
 #                                          runner links), onnxruntime, numpy
@@ -34,9 +35,13 @@ if [ "$(qemu_major || true)" = "" ] || [ "$(qemu_major)" -lt 10 ]; then
     exit 1
   fi
 fi
-if ! command -v aarch64-linux-gnu-g++ >/dev/null; then
+need=()
+command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
+command -v g++ >/dev/null || need+=(g++)                 # the x86_64 runner
+command -v valgrind >/dev/null || need+=(valgrind)       # x86_64 instruction counts (callgrind)
+if [ ${#need[@]} -gt 0 ]; then
   [ $updated = 1 ] || { apt-get update -qq >/dev/null; updated=1; }
-  apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null
+  apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 # 2. An arm64 sysroot with Python 3.11 (Debian's own packages, unpacked, not installed).

@@ -222,10 +222,26 @@ int main(int argc, char** argv) {
     if (!lout) fail(2, "cannot write " + o.logits_out);
   }
   std::vector<std::pair<int64_t, int64_t>> rows;  // (step, rows) written to --logits-out
+  std::string shown;                              // without --logits-out: the top 5 of each step
   auto keep = [&](int64_t step, const float* p, int64_t nrows) {
-    if (!lout.is_open() || !o.logits_steps.count(step)) return;
-    lout.write(reinterpret_cast<const char*>(p), nrows * m.vocab * sizeof(float));
-    rows.emplace_back(step, nrows);
+    if (!o.logits_steps.count(step)) return;
+    if (lout.is_open()) {
+      lout.write(reinterpret_cast<const char*>(p), nrows * m.vocab * sizeof(float));
+      rows.emplace_back(step, nrows);
+      return;
+    }
+    const float* row = p + (nrows - 1) * m.vocab;
+    std::vector<int64_t> idx(m.vocab);
+    for (int64_t i = 0; i < m.vocab; ++i) idx[i] = i;
+    int64_t k = std::min<int64_t>(5, m.vocab);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) { return row[a] > row[b]; });
+    char buf[64];
+    shown += "logits of step " + std::to_string(step) + " (top " + std::to_string(k) + "):";
+    for (int64_t i = 0; i < k; ++i) {
+      std::snprintf(buf, sizeof buf, " %ld:%.6g", (long)idx[i], row[idx[i]]);
+      shown += buf;
+    }
+    shown += "\n";
   };
 
   std::vector<int64_t> tokens;
@@ -275,6 +291,7 @@ int main(int argc, char** argv) {
       std::sort(sorted.begin(), sorted.end());
       std::printf("decode: %zu calls, median %.3f ms/token\n", sorted.size(), sorted[sorted.size() / 2]);
     }
+    std::fputs(shown.c_str(), stdout);
     for (auto& [step, n] : rows) std::printf("logits of step %lld: %lld row(s) in %s\n", (long long)step,
                                             (long long)n, o.logits_out.c_str());
   }
