@@ -63,11 +63,19 @@ def target_of(manifest: dict, target: str | None) -> dict | None:
     return manifest.get("target")
 
 
-def units(manifest: dict, prof: dict | None) -> list[tuple[str, dict]]:
+def units(manifest: dict, prof: dict | None, files_glob: str | None = None) -> list[tuple[str, dict]]:
     """``(label, entry)`` per runner to check: each .pte, each ONNX prefill/decode pair
-    once (as the exporter measures them), limited to the profile's formats and quants."""
+    once (as the exporter measures them), limited to the profile's formats and quants
+    and to the paths matching ``files_glob`` (comma-separated shell patterns)."""
+    from fnmatch import fnmatch
     from .runtime.onnx import companion
     files = [f for f in manifest.get("files", []) if f["format"] in ("onnx", "pte")]
+    if files_glob:
+        pats = [p.strip() for p in files_glob.split(",") if p.strip()]
+        files = [f for f in files if any(fnmatch(f["path"], p) for p in pats)]
+        if not files:
+            have = ", ".join(f["path"] for f in manifest.get("files", []))
+            raise DiJiangError(f"no exported file matches --files {files_glob!r} (the folder has: {have})")
     if prof:
         files = [f for f in files if f["format"] in prof["formats"] and f["quant"] in prof["quant"]]
         if not files:
@@ -246,7 +254,8 @@ def needs_floor(rows: list[Row]) -> bool:
 # -- the command ---------------------------------------------------------------------
 
 def check_folder(folder: str | Path, target: str | None = None, model: str | None = None,
-                 tokens: int | None = None, threads: int = 1, out: TextIO | None = None) -> bool:
+                 tokens: int | None = None, threads: int = 1, files: str | None = None,
+                 out: TextIO | None = None) -> bool:
     """Check every file (or the target's) of ``folder`` on each tier; print the table.
     Returns True when no row fails (skipped tiers do not fail)."""
     from .exporters import read_manifest
@@ -256,7 +265,7 @@ def check_folder(folder: str | Path, target: str | None = None, model: str | Non
     folder = Path(folder)
     manifest = read_manifest(folder)
     prof = target_of(manifest, target)
-    todo = units(manifest, prof)
+    todo = units(manifest, prof, files)
     tiers = TIERS_OF_ARCH[prof["arch"]] if prof else tuple(TIERS)
     ref_model, src = reference_model(manifest, model)
     import torch

@@ -119,7 +119,8 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 def cmd_check(a: argparse.Namespace) -> int:
     from .check import check_folder
-    ok = check_folder(a.folder, target=a.target, model=a.model, tokens=a.tokens, threads=a.threads)
+    ok = check_folder(a.folder, target=a.target, model=a.model, tokens=a.tokens, threads=a.threads,
+                      files=a.files)
     return 0 if ok else 1                # a failing row: exit 1 (bad input stays exit 2)
 
 
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from manifest.json)")
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens of English text teacher-forced per file (default: 512)")
+    p.add_argument("--files", default=None,
+                   help="only the files whose path matches these comma-separated patterns (e.g. 'onnx/native*')")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each runtime (0 = its default)")
     p.set_defaults(fn=cmd_check)
 

@@ -88,6 +88,10 @@ def test_target_selects_files_and_tiers(folder, capsys):
     assert code == 0 and {r[1] for r in _rows(out)} == {"onnx"}, out
     code, _, err = _check(capsys, folder, "--target", "android-arm64")      # int8 only: none here
     assert code == 2 and "no files for target android-arm64" in err and "onnx/fp32" in err, err
+    code, out, _ = _check(capsys, folder, "--files", "onnx/native*,*.pte", "--tokens", "100")
+    assert code == 0 and {r[0] for r in _rows(out)} == {"onnx/native.onnx", "model_fp32.pte"}, out
+    code, _, err = _check(capsys, folder, "--files", "*.tflite")
+    assert code == 2 and "--files" in err and "onnx/native.onnx" in err, err
 
 
 def _copy(folder: Path, dst: Path) -> Path:
