@@ -29,15 +29,18 @@ for l in "${LIBS[@]}"; do
     { echo "build.sh: $ET/lib/lib$l.so is missing (executorch wheel for $ARCH; for aarch64 run bash scripts/setup_arm64.sh)" >&2; exit 2; }
 done
 BIN=$OUT/pte_runner
+mkdir -p "$OUT"
+exec 9>"$OUT/.build.lock"; flock 9          # concurrent callers (tests, check) build once
 if [ -x "$BIN" ] && [ "$BIN" -nt "$HERE/pte_runner.cpp" ] && [ "$BIN" -nt "$HERE/build.sh" ] &&
    [ "$BIN" -nt "$ET/lib/libexecutorch.so" ]; then
   exit 0
 fi
-mkdir -p "$OUT"
-for l in "${LIBS[@]}"; do cp -f "$ET/lib/lib$l.so" "$OUT/"; done
+for l in "${LIBS[@]}"; do     # replaced by rename, never rewritten: a running runner maps them
+  cmp -s "$ET/lib/lib$l.so" "$OUT/lib$l.so" || { cp "$ET/lib/lib$l.so" "$OUT/.lib$l.so.tmp"; mv -f "$OUT/.lib$l.so.tmp" "$OUT/lib$l.so"; }
+done
 # --no-as-needed: the backend and kernel libraries are linked for their static
 # registrations, not for symbols the runner calls.
 "$CXX" -std=c++17 -O2 -g -Wno-deprecated-declarations -D C10_USING_CUSTOM_GENERATED_MACROS -I "$ET/include" -I "$ET/include/executorch/runtime/core/portable_type/c10" \
-  "$HERE/pte_runner.cpp" -o "$BIN.tmp" -L "$OUT" -Wl,--no-as-needed $(printf -- '-l%s ' "${LIBS[@]}") \
+  "$HERE/pte_runner.cpp" -o "$BIN.tmp.$$" -L "$OUT" -Wl,--no-as-needed $(printf -- '-l%s ' "${LIBS[@]}") \
   -Wl,--as-needed -Wl,-rpath,'$ORIGIN' -lpthread
-mv "$BIN.tmp" "$BIN"
+mv -f "$BIN.tmp.$$" "$BIN"
