@@ -1,4 +1,5 @@
-"""The exported files on ARM64 (emulated with qemu-user 10 on x86_64 hosts): the C++
+"""The exported files on ARM64 (a Cortex-A76 emulated with qemu-user 10 on x86_64 hosts;
+``DIJIANG_QEMU_CPU`` picks another core): the C++
 runner cross-built for aarch64 on the ``.pte`` files and onnxruntime's aarch64 wheel on
 the ONNX files, against PyTorch. fp32: logits to 1e-4 relative and identical greedy
 tokens; int8: the agreement bars of the x86 tier (top-1 >= 0.95, perplexity within 5%).

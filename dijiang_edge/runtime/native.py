@@ -39,6 +39,10 @@ REPO = Path(__file__).resolve().parents[2]
 RUNNER_SRC = REPO / "export" / "runner"
 SETUP = "bash scripts/setup_arm64.sh"
 QEMU_MIN = 10        # Debian 12's qemu 7.2 crashes onnxruntime and gets XNNPACK int8 wrong
+# The emulated core: Cortex-A76 (Raspberry Pi 5, many phones' big cores; ARMv8.2 with
+# dotprod, no SVE), so XNNPACK picks the kernels such devices run. "max" (SVE2, i8mm,
+# SME) or "cortex-a710" (ARMv9 phones) via $DIJIANG_QEMU_CPU.
+QEMU_CPU = os.environ.get("DIJIANG_QEMU_CPU", "cortex-a76")
 
 
 @dataclass
@@ -143,7 +147,7 @@ def _prefix(arch: str) -> list[str]:
     """How to start an ``arch`` program here: directly, or under qemu with the sysroot."""
     if not emulated(arch):
         return []
-    return ["qemu-aarch64", "-L", str(arm64_root() / "sysroot")]
+    return ["qemu-aarch64", "-cpu", QEMU_CPU, "-L", str(arm64_root() / "sysroot")]
 
 
 # -- running ------------------------------------------------------------------------
