@@ -84,17 +84,44 @@ def cmd_generate(a: argparse.Namespace) -> None:
     print(f"\n[{n} tokens, {n / dt:.1f} tokens/s, PyTorch]", file=sys.stderr)
 
 
+def _split(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     from .exporters import export
-    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
-    quants = [q.strip() for q in a.quant.split(",") if q.strip()]
+    prof = None
+    if a.target:                         # a device profile: its values are the defaults of the flags
+        from .profiles import load_profile
+        prof = load_profile(a.target)
+    formats = _split(a.formats) or (list(prof.formats) if prof else ["onnx"])
+    quants = _split(a.quant) or (prof.quants() if prof else ["fp32"])
     if a.qlinear or a.qembedding:       # ExecuTorch's recipe names: one more .pte quantization
         from .exporters.executorch import quant_label
         quants = list(dict.fromkeys(quants + [quant_label(a.qlinear, a.qembedding)]))
-    m = export(a.model, a.out, formats, quants, force=a.force, convert_options=_convert_options(a))
+    a.variant = a.variant or (prof.variant if prof else None) or "official"
+    opts = prof.export_options(formats) if prof else {}
+    if a.max_context:
+        opts["max_context_len"] = a.max_context
+    if a.parity_tokens is not None:
+        opts["parity_tokens"] = a.parity_tokens
+    target = None
+    if prof:
+        target = prof.to_manifest() | {"formats": formats, "quant": quants}
+        if "max_context_len" in opts:
+            target["max_context"] = opts["max_context_len"]
+    m = export(a.model, a.out, formats, quants, force=a.force, convert_options=_convert_options(a),
+               target=target, **opts)
     for f in m["files"]:
         print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} {f.get('role', ''):<8} {f.get('parity', {})}")
-    print(f"wrote {a.out}/manifest.json")
+    print(f"wrote {a.out}/manifest.json" + (f" (target {prof.name}: {prof.description})" if prof else ""))
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from .check import check_folder
+    ok = check_folder(a.folder, target=a.target, model=a.model, tokens=a.tokens, threads=a.threads,
+                      files=a.files)
+    return 0 if ok else 1                # a failing row: exit 1 (bad input stays exit 2)
 
 
 def cmd_bench_attention(a: argparse.Namespace) -> None:
@@ -159,6 +186,11 @@ def cmd_bench_report(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
 
 
+def cmd_bench_native(a: argparse.Namespace) -> None:
+    from .runtime.native import bench
+    bench(a.folder, _split(a.arch), _split(a.quant) or None, a.tokens, a.count_tokens, a.prompt_len, a.threads)
+
+
 def _add_decode_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
     p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
@@ -200,15 +232,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="convert and export to ONNX and/or ExecuTorch, with parity checks")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output folder (files, tokenizer.json, manifest.json)")
-    p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
-    p.add_argument("--quant", default="fp32", help="comma list of: fp32, int8")
+    p.add_argument("--target", default=None,
+                   help="a device profile of export/profiles/ (android-arm64, linux-arm64, x86-laptop) "
+                        "or a profile .toml file: its formats, quantizations and context limit become "
+                        "the defaults, and the manifest records it")
+    p.add_argument("--formats", default=None, help="comma list of: onnx, pte (default: the target's, else onnx)")
+    p.add_argument("--quant", default=None, help="comma list of: fp32, int8 (default: the target's, else fp32)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="pte: tokens per sequence the runner allows (default: the target's, else 2^20)")
+    p.add_argument("--parity-tokens", type=int, default=None,
+                   help="tokens of English text each file is checked on at export (0 = skip; "
+                        "default: 2048 for onnx, 512 for pte)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--qlinear", choices=["8da8w", "8da4w"], default=None,
                    help="pte: also write a file with linears quantized so (8-bit dynamic activations + "
                         "8/4-bit weights); --quant int8 = --qlinear 8da8w --qembedding 8w")
     p.add_argument("--qembedding", choices=["8w"], default=None, help="pte: 8-bit per-row embedding table")
     _add_convert_options(p)
-    p.set_defaults(fn=cmd_export)
+    p.set_defaults(fn=cmd_export, variant=None)          # None: the target's variant, else official
+
+    p = sub.add_parser("check", help="run every exported file of a folder against PyTorch on English "
+                                     "text, on each platform tier; print a pass/fail table")
+    p.add_argument("folder", help="an export folder (manifest.json)")
+    p.add_argument("--target", default=None,
+                   help="a device profile: check only the files it selects, on its CPU's tiers "
+                        "(default: the folder's recorded target, else every file on every tier)")
+    p.add_argument("--model", default=None,
+                   help="the PyTorch reference (default: the model the folder was exported from, "
+                        "from manifest.json)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens of English text teacher-forced per file (default: 512)")
+    p.add_argument("--files", default=None,
+                   help="only the files whose path matches these comma-separated patterns (e.g. 'onnx/native*')")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of each runtime (0 = its default)")
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("bench-attention", help="prefill time of the chunked vs the parallel form")
     p.add_argument("--lengths", default="1024,4096,16384")
@@ -266,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(fn=cmd_bench_report)
 
+    p = sub.add_parser("bench-native", help="the C++ .pte runner per CPU: x86 ms/token beside instructions "
+                                             "per decoded token (x86 callgrind; ARM64 counted under qemu)")
+    p.add_argument("folder", help="an export folder with .pte files (manifest.json)")
+    p.add_argument("--arch", default="x86_64,aarch64", help="comma list of: x86_64, aarch64 (emulated on x86)")
+    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
+    p.add_argument("--tokens", type=int, default=32, help="decode calls timed (median reported)")
+    p.add_argument("--count-tokens", type=int, default=4, help="decode calls whose instructions are counted")
+    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens before decoding")
+    p.add_argument("--threads", type=int, default=1, help="threads of the timed runs (counts use 1)")
+    p.set_defaults(fn=cmd_bench_native)
+
     from .adapt.command import add_parser as add_adapt_parser
     add_adapt_parser(sub, MODEL_HELP, _add_convert_options)
     return ap
@@ -275,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        code = args.fn(args)
     except DiJiangError as e:
         print(f"dijiang-export: error: {e}", file=sys.stderr)
         return 2
@@ -285,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("dijiang-export: error: out of memory; try a shorter input or fewer threads", file=sys.stderr)
         return 3
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

