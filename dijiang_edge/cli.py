@@ -145,13 +145,9 @@ def cmd_bench_onnx(a: argparse.Namespace) -> None:
     run(a.folder, quants, ints(a.positions), ints(a.threads), a.tokens, a.rounds)
 
 
-def _list(s: str | None) -> list[str] | None:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
-
-
 def cmd_export_baseline(a: argparse.Namespace) -> None:
     from .exporters.baseline import export_baseline
-    m = export_baseline(a.model, a.out, _list(a.formats), _list(a.quant), force=a.force,
+    m = export_baseline(a.model, a.out, _split(a.formats) or None, _split(a.quant) or None, force=a.force,
                         parity_tokens=a.parity_tokens)
     for f in m["files"]:
         print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} softmax KV cache  {f.get('parity', {})}")
@@ -160,12 +156,12 @@ def cmd_export_baseline(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from .benchmark import bench
-    ints = lambda s: [int(x) for x in _list(s)] if s else None
+    ints = lambda s: [int(x) for x in _split(s)] or None
     if a.baseline is None and not a.no_baseline:
         raise DiJiangError("give --baseline DIR (a softmax baseline made with `dijiang-export export-baseline "
                            "MODEL --out DIR`) or --no-baseline to measure the DiJiang files alone")
     bench(a.folders, None if a.no_baseline else a.baseline, a.out, ints(a.lengths), ints(a.threads),
-          a.tokens, _list(a.formats), _list(a.quant), a.quick, a.force, a.bandwidth_mib)
+          a.tokens, _split(a.formats) or None, _split(a.quant) or None, a.quick, a.force, a.bandwidth_mib)
     print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
 
 
