@@ -62,3 +62,21 @@ def word_tokenizer(folder) -> None:
 @pytest.fixture(scope="session")
 def hf_models():
     return {a: tiny_hf(a) for a in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: extra threads only spin and wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    """A saved tiny SmolLM2-shaped Hugging Face folder with a word-level tokenizer."""
+    src = tmp_path_factory.mktemp("src") / "smollm2"
+    tiny_hf("smollm2").save_pretrained(src)
+    word_tokenizer(src)
+    return src

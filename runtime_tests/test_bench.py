@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err, tiny_hf, word_tokenizer
+from conftest import rel_err, tiny_hf
 from dijiang_edge.cli import main
 from dijiang_edge.exporters import export, read_manifest
 from dijiang_edge.exporters.baseline import KVCacheLM, export_baseline, hf_logits
@@ -20,20 +20,7 @@ from dijiang_edge.runtime import open_export
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory):
-    src = tmp_path_factory.mktemp("src") / "smollm2"
-    tiny_hf("smollm2").save_pretrained(src)
-    word_tokenizer(src)
-    return src
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

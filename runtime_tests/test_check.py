@@ -33,12 +33,6 @@ max_seq_len = 16
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory):
-    src = tmp_path_factory.mktemp("src") / "smollm2"
-    tiny_hf("smollm2").save_pretrained(src)
-    word_tokenizer(src)
-    return src
 
 
 @pytest.fixture(scope="module")

@@ -20,28 +20,13 @@ from dijiang_edge.exporters import export, read_manifest
 from dijiang_edge.parity import measure, text_ids
 from dijiang_edge.runtime import open_export, pick_entry
 from dijiang_edge.runtime.onnx import OnnxRunner
-from conftest import tiny_hf, word_tokenizer
+from conftest import tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 BAR_FP32 = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: extra threads only spin and wait."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory):
-    src = tmp_path_factory.mktemp("src") / "smollm2"
-    tiny_hf("smollm2").save_pretrained(src)
-    word_tokenizer(src)
-    return src
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")
