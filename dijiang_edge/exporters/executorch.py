@@ -110,8 +110,9 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
     the same function in fp32, much closer to it in int8."""
     if qlinear and calibration_ids is not None:
         from .outliers import prepare_for_int8
-        model = prepare_for_int8(model, calibration_ids)
-    model = copy.deepcopy(model)
+        model = prepare_for_int8(model, calibration_ids)      # already a copy
+    else:
+        model = copy.deepcopy(model)
     tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed.weight
     if qembedding:
         model.embed = Int8Embedding(model.embed.weight)
