@@ -248,10 +248,11 @@ def test_unknown_quant_is_one_line_error(tiny_src, tmp_path, capsys):
 def test_other_architectures_export_exactly(tmp_path, arch, variant):
     from dijiang_edge.exporters import onnx as onnx_exp
     model = dijiang_edge.convert(tiny_hf(arch), variant=variant, chunk_size=8)
-    entries = onnx_exp.export(model, tmp_path, kinds=("block", "step"), parity_tokens=0)
-    fig = measure(model, OnnxRunner(tmp_path, entries[0], {"files": entries}, 1), _ids(model, 200), greedy=16)
-    assert fig["max_rel_err"] <= BAR_FP32 and fig["decode_max_rel_err"] <= BAR_FP32
-    assert fig["greedy_identical"] == 16
+    entries = onnx_exp.export(model, tmp_path, kinds=("block", "step", "native"), parity_tokens=0)
+    for e in (e for e in entries if e["role"] in ("prefill", "both")):    # plain pair, fused native
+        fig = measure(model, OnnxRunner(tmp_path, e, {"files": entries}, 1), _ids(model, 200), greedy=16)
+        assert fig["max_rel_err"] <= BAR_FP32 and fig["decode_max_rel_err"] <= BAR_FP32, (e["path"], fig)
+        assert fig["greedy_identical"] == 16, e["path"]
 
 
 @pytest.mark.slow

@@ -59,11 +59,14 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Ten
 def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor,
                            log_gate: Tensor) -> tuple[Tensor, Tensor]:
     """``LinearAttention(update_rule="gated", scale=1)`` semantics on packed ``[B, T, H*d]``
-    q/k/v, ``log_gate [B, T, H]``, ``state [B, H, m, dv]`` (reference, for tracing)."""
+    q/k/v, ``log_gate [B, T, H]``, ``state [B, H, m, dv]`` (reference, for tracing).
+    ``k`` may hold fewer heads than ``H`` (a divisor): each serves ``H / heads`` states in
+    turn, as the operator does for grouped keys."""
     b, t, _ = q.shape
     h, m, dv = state.shape[1:]
     qh = q.view(b, t, h, m).transpose(1, 2)
-    kh = k.view(b, t, h, m).transpose(1, 2)
+    kh = k.view(b, t, -1, m).transpose(1, 2)
+    kh = kh.repeat_interleave(h // kh.shape[1], dim=1)
     vh = v.view(b, t, h, dv).transpose(1, 2)
     o, s = A.recurrent_attention(qh, kh, vh, log_gate.transpose(1, 2), None, state)
     return o.transpose(1, 2).reshape(b, t, h * dv).contiguous(), s.contiguous()
@@ -171,7 +174,7 @@ def _symbolic_linear_attention(g, q, k, v, state, log_gate):
     h = symbolic_helper._get_tensor_sizes(state)[1]
     o, s = g.op("com.microsoft::LinearAttention", q, k, v, state, log_gate, q_num_heads_i=h,
                 kv_num_heads_i=h, update_rule_s="gated", scale_f=1.0, outputs=2)
-    o.setType(q.type())
+    o.setType(v.type())         # [B, T, H * dv]: v is packed per query head
     s.setType(state.type())
     return o, s
 
@@ -183,16 +186,21 @@ def _example(model: DiJiangForCausalLM, kind: str):
 
 
 def _torchscript(model: DiJiangForCausalLM, kind: str):
-    """The TorchScript exporter: ~20x faster than dynamo here, which matters on 2 cores."""
+    """The TorchScript exporter: ~20x faster than dynamo here, which matters on 2 cores.
+    Graphs are ``onnx_fused.FusedStep`` where it covers the model (few nodes per layer, and
+    its concatenated weights shared by every kind), else ``OnnxStep``."""
     import onnx
+    from . import onnx_fused
     ins, outs = io_names(model.args.n_layers)
     seq = {} if kind == "step" else {1: "seq"}
     dyn = {"input_ids": {0: "batch", **seq}, "logits": {0: "batch", **seq}}
     dyn.update({n: {0: "batch"} for n in ins[2:] + outs[1:]})
     torch.onnx.register_custom_op_symbolic("dijiang_edge::gated_linear_attention",
                                            _symbolic_linear_attention, OPSET)
+    onnx_fused.register_symbolics(OPSET)
+    module = onnx_fused.FusedStep(model, kind) if onnx_fused.supports(model) else OnnxStep(model, kind)
     f = io.BytesIO()
-    torch.onnx.export(OnnxStep(model, kind).eval(), _example(model, kind), f, dynamo=False,
+    torch.onnx.export(module.eval(), _example(model, kind), f, dynamo=False,
                       input_names=ins, output_names=outs, dynamic_axes=dyn, opset_version=OPSET,
                       custom_opsets={"com.microsoft": 1})
     return onnx.load_from_string(f.getvalue())
