@@ -2,6 +2,10 @@
 of one file of an export folder (DiJiang or softmax baseline), summed per op type.
 
     python scripts/profile_decode.py FOLDER onnx/native_int8.onnx --context 128 --threads 2
+
+``--matmuls-only`` instead times a graph holding only the file's weight matmuls
+(``MatMulNBits``, same weights and attributes, each fed a slice of one input): what the
+weights alone cost in this runtime, against which the rest of the graph is overhead.
 """
 
 from __future__ import annotations
@@ -44,6 +48,42 @@ def profile(folder: str, path: str, context: int, threads: int, steps: int) -> d
     return dict(per_op.most_common())
 
 
+def matmuls_only_ms(folder: str, path: str, threads: int, calls: int = 200) -> tuple[int, float]:
+    """(number of MatMulNBits, median ms of one pass through all of them, one token)."""
+    import statistics
+    import time
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    mp = onnx.load(str(Path(folder) / path))
+    inits = {t.name: t for t in mp.graph.initializer}
+    mms = [n for n in mp.graph.node if n.op_type == "MatMulNBits"]
+    attr = lambda n, k: next(a.i for a in n.attribute if a.name == k)
+    nodes, used = [], [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("zero", 0), ("axis", 2))]
+    for i, n in enumerate(mms):           # x[..., :K] -> MatMulNBits -> an output
+        used.append(helper.make_tensor(f"k{i}", TensorProto.INT64, [1], [attr(n, "K")]))
+        nodes.append(helper.make_node("Slice", ["x", "zero", f"k{i}", "axis"], [f"s{i}"]))
+        mm = helper.make_node("MatMulNBits", [f"s{i}", *n.input[1:]], [f"y{i}"], domain="com.microsoft")
+        mm.attribute.extend(n.attribute)
+        nodes.append(mm)
+        used += [inits[name] for name in n.input[1:] if name and all(t.name != name for t in used)]
+    width = max(attr(n, "K") for n in mms)
+    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, width])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(mms))],
+                              used)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 1, width)).astype(np.float32) * 0.1}
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return len(mms), statistics.median(times[calls // 10:]) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder")
@@ -51,7 +91,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--matmuls-only", action="store_true", help="time only the weight matmuls (see above)")
     a = ap.parse_args()
+    if a.matmuls_only:
+        n, ms = matmuls_only_ms(a.folder, a.path, a.threads)
+        print(f"{a.path}: its {n} MatMulNBits alone, {a.threads} thread(s): {ms:.2f} ms per token")
+        return
     ops = profile(a.folder, a.path, a.context, a.threads, a.steps)
     total = sum(ops.values())
     print(f"{a.path} @ {a.context}, {a.threads} thread(s): {total:.1f} ms kernel time per decode call")

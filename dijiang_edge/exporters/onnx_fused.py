@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import attention as A
 from ..model import DiJiangForCausalLM, RMSNorm
 from .onnx_graph import ATTENTION, gated_linear_attention
 
@@ -213,7 +214,7 @@ def _fused_linear(parts: list[tuple[Tensor, Tensor | None]]) -> nn.Linear:
 
 
 class FusedLayer(nn.Module):
-    """One ``model.Block`` with DiJiang attention through ``LinearAttention``, few nodes."""
+    """One ``model.Block`` in few nodes; ``kind`` picks the recurrence (``core``)."""
 
     def __init__(self, block, kind: str):
         super().__init__()
@@ -221,8 +222,7 @@ class FusedLayer(nn.Module):
         self.a, self.parallel, self.kind = a, block.parallel, kind
         self.input_layernorm, self.post_attention_layernorm = block.input_layernorm, block.post_attention_layernorm
         parts = _qkv_weights(attn)
-        self.gated = a.variant in ("official", "normalized_gated")
-        if self.gated:
+        if a.variant in ("official", "normalized_gated"):
             parts.append((attn.gate.weight, None))
         self.proj_in = _fused_linear(parts)
         sizes = [p[0].shape[0] for p in parts]
@@ -244,7 +244,7 @@ class FusedLayer(nn.Module):
         qk, v, *gate = torch.split(self.proj_in(h), self.sizes, dim=-1)
         qk = keep2_reshape(qk, [hq + hkv, d])
         qk = qk * cos + qk.index_select(-1, perm) * sin                       # RoPE
-        qk = torch.softmax(qk @ self.proj, dim=-1)                             # phi
+        qk = A.feature_map(qk, self.proj)                                      # phi
         q, k = keep2_reshape(qk, [-1]).split([hq * d, hkv * d], dim=-1)
         if a.variant != "official":                                            # last column carries z
             v = keep2_reshape(append_ones(keep2_reshape(v, [hkv, d])), [-1])
