@@ -40,6 +40,11 @@ def test_masked_form_equals_the_reference(t):
     o, s = masked_attention(q, k, v, lg, beta, s0)
     o_ref, s_ref = A.parallel_attention(q, k, v, lg, beta, s0)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    o1, s1 = masked_attention(q, k, v, lg, beta, s0, keep=torch.ones(1))      # the in-graph reset
+    o0, s0_ = masked_attention(q, k, v, lg, beta, s0, keep=torch.zeros(1))
+    o_new, s_new = A.parallel_attention(q, k, v, lg, beta, torch.zeros_like(s0))
+    assert rel_err(o1, o_ref) < 1e-5 and rel_err(s1, s_ref) < 1e-5
+    assert rel_err(o0, o_new) < 1e-5 and rel_err(s0_, s_new) < 1e-5
 
 
 def test_int8_embedding_is_per_row_and_close():

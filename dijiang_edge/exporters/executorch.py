@@ -134,11 +134,15 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
 # ----------------------------------------------------------------------------
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor,
-                     state: Tensor) -> tuple[Tensor, Tensor]:
+                     state: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The parallel form over one call's tokens in float32, written to export with a
     dynamic ``T``: decays are differences of cumulative log gates masked before
     ``exp`` (nothing overflows), and the carried ``state`` enters through
-    ``exp(cum)``. For ``T == 1`` this is ``recurrent_step``."""
+    ``exp(cum)``. For ``T == 1`` this is ``recurrent_step``.
+
+    ``keep`` (``[1]``, 0 or 1) scales the carried state's decay factors: 0 starts a
+    fresh sequence without touching the state tensor itself (a ``where`` over it cost
+    ~0.4 ms per layer in ExecuTorch's portable kernels)."""
     t = q.shape[2]
     cum = log_gate.cumsum(-1)                                        # [B, H, T]
     idx = torch.arange(t, device=q.device)
@@ -146,21 +150,24 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Te
     diff = cum[..., :, None] - cum[..., None, :]
     decay = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
     scores = (q @ k.transpose(-1, -2)) * decay * beta[..., None, :]
-    o = scores @ v + cum.exp()[..., None] * (q @ state)
-    last = cum[..., -1:]                                             # [B, H, 1]
+    from_state, last = cum.exp(), cum[..., -1:]                      # [B, H, T], [B, H, 1]
+    carry = last.exp()
+    if keep is not None:
+        from_state, carry = from_state * keep, carry * keep
+    o = scores @ v + from_state[..., None] * (q @ state)
     k_end = k * ((last - cum).exp() * beta)[..., None]
-    s = last.exp()[..., None] * state + k_end.transpose(-1, -2) @ v
+    s = carry[..., None] * state + k_end.transpose(-1, -2) @ v
     return o, s
 
 
 def _block(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-           valid: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+           valid: Tensor, state: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """``Block.forward`` with the attention in its exportable masked form."""
     h = layer.input_layernorm(x)
     attn = layer.attn
     q, k, v = attn.features(h, cos, sin)
     log_gate, beta = attn.gates(positions, valid)
-    o, s = masked_attention(q, k, v, log_gate, beta, state)
+    o, s = masked_attention(q, k, v, log_gate, beta, state, keep)
     a = attn.finish(h, o)
     if layer.parallel:
         return x + a + layer.mlp(layer.post_attention_layernorm(x)), s
@@ -183,13 +190,12 @@ class RecurrentLM(nn.Module):
         m = self.model
         positions = start_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None, :]
         valid = torch.ones_like(tokens, dtype=torch.bool)
-        fresh = (start_pos == 0).view(-1, 1, 1, 1)
+        keep = (start_pos != 0).to(torch.float32)                 # in-graph reset: 0 at position 0
         cos, sin = m.rope(positions)
         x = m.embed(tokens)
         for i, layer in enumerate(m.layers):
             buf = getattr(self, f"state_{i}")
-            s0 = torch.where(fresh, torch.zeros_like(buf), buf)     # in-graph reset
-            x, s = _block(layer, x, cos, sin, positions, valid, s0)
+            x, s = _block(layer, x, cos, sin, positions, valid, buf, keep)
             buf.copy_(s)
         return m.lm_head(m.norm(x)).float()
 
@@ -279,18 +285,24 @@ def runner_metadata(model: nn.Module, max_seq_len: int, max_context_len: int) ->
 
 
 XNNPACK_CONFIGS = ("LinearConfig", "BMMConfig", "QuantizeAffineConfig", "DeQuantizeAffineConfig",
-                   "ChooseQParamsAffineConfig")
+                   "ChooseQParamsAffineConfig",
+                   # elementwise and layout ops: ExecuTorch's portable kernels are generic loops
+                   # (sigmoid, pow and softmax took 50-100 ns per element), XNNPACK's are vectorised
+                   "SigmoidConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "DivConfig",
+                   "PowConfig", "ExpConfig", "NegConfig", "MeanDimConfig", "ReciprocalSquareRootConfig",
+                   "SquareRootConfig", "CatConfig", "PermuteConfig", "SliceCopyConfig", "ViewCopyConfig",
+                   "UnsqueezeCopyConfig")
 
 
 def xnnpack_partitioner():
-    """XNNPACK for the linear layers (fp32 and dynamically quantized) and the
-    attention's batched matmuls; the small elementwise ops stay portable.
+    """XNNPACK for the linear layers (fp32 and dynamically quantized), the attention's
+    batched matmuls and the elementwise ops around them; what XNNPACK cannot take
+    (cumsum, where, gathers) stays portable.
 
-    Measured on the tiny test model: every XNNPACK subgraph costs ~1 s of
-    lowering, and with all of XNNPACK's configs the graph splits into ~14 of them
-    per layer (norms, RoPE's split and the gates are not delegable), some of which
-    fail with "Invalid partition, found dependency cycles" (its 2-D ``mm`` config).
-    Decode time is dominated by the weights, which this keeps in XNNPACK.
+    Measured on 4 layers of the adapted SmolLM2 (int8): decode 11.8 ms with only the
+    linear/bmm configs, 6.0 ms with these (``scripts/pte_partition.py``); lowering
+    140 s -> 192 s. The 2-D ``mm`` config stays out: with it some graphs fail with
+    "Invalid partition, found dependency cycles".
     """
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
