@@ -63,4 +63,9 @@ def open(folder: Path, entry: dict, manifest: dict, threads: int = 0):   # noqa:
             raise DiJiangError("running .onnx files needs onnxruntime: `pip install onnxruntime`") from None
         return KvOnnxRunner(Path(folder), entry, threads)
     from .executorch import PteRunner
+    try:        # registers the llama::update_cache / custom_sdpa kernels the baseline file calls
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    except ImportError as e:
+        raise DiJiangError(f"the softmax .pte baseline needs ExecuTorch's LLM custom ops ({e}); "
+                           f"install executorch with its extension.llm package") from None
     return PteRunner(Path(folder) / entry["path"], entry, threads, marker="softmax_kv_cache")
