@@ -55,9 +55,30 @@ def test_int8_embedding_is_per_row_and_close():
     assert rel_err(e(ids)[0], w) < 1 / 127
 
 
+def _pos_table_model():
+    """An imported-official-style model: per-position gate tables (past position 8 too)."""
+    from dijiang_edge.model import DiJiangForCausalLM, ModelArgs
+    torch.manual_seed(0)
+    args = ModelArgs(arch="gpt_neox", vocab_size=97, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                     head_dim=16, intermediate_size=128, norm="layer", act="gelu", qkv_bias=True, o_bias=True,
+                     mlp_bias=True, parallel_residual=True, rotary_dim=4, pos_table_len=8)
+    model = DiJiangForCausalLM(args).eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("pos_log_gate"):
+                b.copy_(-torch.rand_like(b) * 0.2)
+            elif name.endswith("pos_beta"):
+                b.copy_(0.5 + torch.rand_like(b))
+    return model
+
+
 @torch.no_grad()
-def test_wrapper_carries_state_and_resets_at_position_zero(hf_models):
-    model = dijiang_edge.convert(hf_models["smollm2"], chunk_size=8)
+@pytest.mark.parametrize("kind", ["constant decay", "position tables"])
+def test_wrapper_carries_state_and_resets_at_position_zero(hf_models, kind):
+    """The exported module (constant decays precomputed, tables through ``gates``) in eager
+    PyTorch: split calls equal one call, ``start_pos`` 0 clears the state."""
+    model = dijiang_edge.convert(hf_models["smollm2"], chunk_size=8) if kind == "constant decay" \
+        else _pos_table_model()
     w = RecurrentLM(model).eval()
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(0))
     ref = model(ids)[0]

@@ -133,7 +133,13 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
 # The exported module
 # ----------------------------------------------------------------------------
 
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor,
+def causal_mask(t: int, device=None) -> Tensor:
+    """Additive ``[T, T]`` mask: 0 on and below the diagonal, ``-inf`` above (once per call)."""
+    idx = torch.arange(t, device=device)
+    return torch.where(idx[:, None] >= idx[None, :], 0.0, float("-inf"))
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor | None,
                      state: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The parallel form over one call's tokens in float32, written to export with a
     dynamic ``T``: decays are differences of cumulative log gates masked before
@@ -143,31 +149,36 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Te
     ``keep`` (``[1]``, 0 or 1) scales the carried state's decay factors: 0 starts a
     fresh sequence without touching the state tensor itself (a ``where`` over it cost
     ~0.4 ms per layer in ExecuTorch's portable kernels)."""
-    t = q.shape[2]
-    cum = log_gate.cumsum(-1)                                        # [B, H, T]
-    idx = torch.arange(t, device=q.device)
-    causal = idx[:, None] >= idx[None, :]
-    diff = cum[..., :, None] - cum[..., None, :]
-    decay = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
-    scores = (q @ k.transpose(-1, -2)) * decay * beta[..., None, :]
+    return decayed_attention(q, k, v, log_gate.cumsum(-1), beta, state, keep, causal_mask(q.shape[2], q.device))
+
+
+def decayed_attention(q: Tensor, k: Tensor, v: Tensor, cum: Tensor, beta: Tensor | None, state: Tensor,
+                      keep: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``masked_attention`` from the cumulative log gate ``cum [B, H, T]`` and the
+    additive ``causal_mask``, which the exported module computes once per call (and
+    ``cum`` as ``log_decay * (1..T)`` for a constant decay): every op left here is one
+    XNNPACK takes. ``beta`` None means 1."""
+    decay = (cum[..., :, None] - cum[..., None, :] + mask).exp()     # exp(-inf) = 0 above the diagonal
+    scores = (q @ k.transpose(-1, -2)) * decay
     from_state, last = cum.exp(), cum[..., -1:]                      # [B, H, T], [B, H, 1]
-    carry = last.exp()
+    carry, to_end = last.exp(), (last - cum).exp()
+    if beta is not None:
+        scores, to_end = scores * beta[..., None, :], to_end * beta
     if keep is not None:
         from_state, carry = from_state * keep, carry * keep
     o = scores @ v + from_state[..., None] * (q @ state)
-    k_end = k * ((last - cum).exp() * beta)[..., None]
-    s = carry[..., None] * state + k_end.transpose(-1, -2) @ v
+    s = carry[..., None] * state + (k * to_end[..., None]).transpose(-1, -2) @ v
     return o, s
 
 
-def _block(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-           valid: Tensor, state: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """``Block.forward`` with the attention in its exportable masked form."""
+def _block(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, state: Tensor, keep: Tensor,
+           mask: Tensor, gates: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor]:
+    """``Block.forward`` with the attention in its exportable masked form;
+    ``gates`` = (cumulative log gate, beta) of this call."""
     h = layer.input_layernorm(x)
     attn = layer.attn
     q, k, v = attn.features(h, cos, sin)
-    log_gate, beta = attn.gates(positions, valid)
-    o, s = masked_attention(q, k, v, log_gate, beta, state, keep)
+    o, s = decayed_attention(q, k, v, gates[0], gates[1], state, keep, mask)
     a = attn.finish(h, o)
     if layer.parallel:
         return x + a + layer.mlp(layer.post_attention_layernorm(x)), s
@@ -183,19 +194,31 @@ class RecurrentLM(nn.Module):
         super().__init__()
         self.model = model
         self.n_layers = len(model.layers)
-        for i in range(self.n_layers):
+        self.tables = bool(model.args.pos_table_len)          # imported per-position gates
+        for i, layer in enumerate(model.layers):
             self.register_buffer(f"state_{i}", torch.zeros(model.state_shape(1)))
+            if not self.tables:         # a constant per head: computed here, not in every call
+                self.register_buffer(f"log_decay_{i}", layer.attn.log_decay().detach().clone()[None, :, None])
+
+    def gates(self, i: int, positions: Tensor, steps: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Layer ``i``'s cumulative log gate ``[1, H, T]`` over this call and its beta."""
+        if self.tables:
+            lg, beta = self.model.layers[i].attn.gates(positions, torch.ones_like(positions, dtype=torch.bool))
+            return lg.cumsum(-1), beta
+        return getattr(self, f"log_decay_{i}") * steps, None
 
     def forward(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
         m = self.model
-        positions = start_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-        valid = torch.ones_like(tokens, dtype=torch.bool)
+        t = tokens.shape[1]
+        positions = start_pos[:, None] + torch.arange(t, device=tokens.device)[None, :]
+        steps = torch.arange(1, t + 1, device=tokens.device, dtype=torch.float32)
         keep = (start_pos != 0).to(torch.float32)                 # in-graph reset: 0 at position 0
+        mask = causal_mask(t, tokens.device)
         cos, sin = m.rope(positions)
         x = m.embed(tokens)
         for i, layer in enumerate(m.layers):
             buf = getattr(self, f"state_{i}")
-            x, s = _block(layer, x, cos, sin, positions, valid, buf, keep)
+            x, s = _block(layer, x, cos, sin, buf, keep, mask, self.gates(i, positions, steps))
             buf.copy_(s)
         return m.lm_head(m.norm(x)).float()
 
