@@ -322,9 +322,9 @@ def xnnpack_partitioner():
     batched matmuls and the elementwise ops around them; what XNNPACK cannot take
     (cumsum, where, gathers) stays portable.
 
-    Measured on 4 layers of the adapted SmolLM2 (int8): decode 11.8 ms with only the
-    linear/bmm configs, 6.0 ms with these (``scripts/pte_partition.py``); lowering
-    140 s -> 192 s. The 2-D ``mm`` config stays out: with it some graphs fail with
+    Measured on 4 layers of the adapted SmolLM2 (int8, ``scripts/pte_partition.py``):
+    decode 9.7 ms/token with only the linear/bmm configs, 3.2 ms with these; lowering
+    108 s -> 115 s. The 2-D ``mm`` config stays out: with it some graphs fail with
     "Invalid partition, found dependency cycles".
     """
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
