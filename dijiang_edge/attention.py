@@ -8,7 +8,11 @@ DESIGN.md section 2:
 * ``parallel_attention`` (quadratic reference), ``chunked_attention`` (prefill,
   linear in length) and ``recurrent_attention`` (decode, O(1) per token): the same
   function of ``(q, k, v, log_gate, beta, initial_state)``, after
-  flash-linear-attention's ``naive_*`` references.
+  flash-linear-attention's ``naive_*`` references;
+* beside them, with the same signature, the forms the exported files run:
+  ``masked_attention`` (one call's tokens as one masked chunk: ``.pte`` and ONNX
+  prefill) and ``native_attention`` (the custom op ``gated_linear_attention`` that
+  becomes onnxruntime's ``LinearAttention``); ``recurrent_step`` is ONNX decode.
 
 Decay is given as a per-token log gate ``log_gate[b, h, n] = ln gamma_n <= 0``
 and an input scale ``beta[b, h, n]``, so one signature covers the constant
@@ -213,10 +217,95 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor | N
     return o, s
 
 
+# ----------------------------------------------------------------------------
+# The export form: the parallel form over one call's tokens in float32, written so
+# that torch.export / torch.onnx trace it with a dynamic ``T`` and every op is one
+# XNNPACK and onnxruntime run fast.  For ``T == 1`` it is ``recurrent_step``.
+# ----------------------------------------------------------------------------
+
+def causal_mask(t: int, device=None) -> Tensor:
+    """Additive ``[T, T]`` mask: 0 on and below the diagonal, ``-inf`` above."""
+    idx = torch.arange(t, device=device)
+    return torch.where(idx[:, None] >= idx[None, :], 0.0, float("-inf"))
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
+                     beta: Tensor | None = None,
+                     initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The export form with the references' signature (``decayed_attention`` with the
+    cumulative log gate and the mask computed here)."""
+    beta, s0 = _defaults(q, v, beta, initial_state)
+    return decayed_attention(q, k, v, log_gate.cumsum(-1), beta, s0, causal_mask(q.shape[2], q.device))
+
+
+def decayed_attention(q: Tensor, k: Tensor, v: Tensor, cum: Tensor, beta: Tensor | None, state: Tensor,
+                      mask: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``o = ((q k^T) * exp(cum_i - cum_l + mask) * beta_l) v + exp(cum_i) q S`` and the
+    state after the call, from the in-call cumulative log gate ``cum [B, H, T]`` and the
+    additive ``causal_mask`` (computed once per call by the caller, as is ``cum`` for a
+    constant decay).  Decays are masked before ``exp``, so nothing overflows; ``beta``
+    None means 1.  ``keep`` (``[1]``, 0 or 1) scales the carried state's decay factors:
+    0 starts a fresh sequence without touching the state tensor (the ``.pte`` reset)."""
+    decay = (cum[..., :, None] - cum[..., None, :] + mask).exp()     # exp(-inf) = 0 above the diagonal
+    scores = (q @ k.transpose(-1, -2)) * decay
+    from_state, last = cum.exp(), cum[..., -1:]                      # [B, H, T], [B, H, 1]
+    carry, to_end = last.exp(), (last - cum).exp()
+    if beta is not None:
+        scores, to_end = scores * beta[..., None, :], to_end * beta
+    if keep is not None:
+        from_state, carry = from_state * keep, carry * keep
+    o = scores @ v + from_state[..., None] * (q @ state)
+    s = carry[..., None] * state + (k * to_end[..., None]).transpose(-1, -2) @ v
+    return o, s
+
+
+# ----------------------------------------------------------------------------
+# onnxruntime's native recurrence, as a torch custom op that the ONNX exporter maps to
+# ``com.microsoft::LinearAttention(update_rule="gated", scale=1)`` (exporters/onnx_graph.py)
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("dijiang_edge::gated_linear_attention", mutates_args=())
+def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor,
+                           log_gate: Tensor) -> tuple[Tensor, Tensor]:
+    """``LinearAttention`` semantics on packed ``[B, T, heads*d]`` q/k/v, ``log_gate
+    [B, T, H]``, ``state [B, H, m, dv]``; its body is the recurrent reference.  ``k`` may
+    hold fewer heads than ``H`` (a divisor): each serves ``H / heads`` states in turn, as
+    the operator does for grouped keys.  No ``beta``: fold it into ``k`` first."""
+    b, t, _ = q.shape
+    h, m, dv = state.shape[1:]
+    qh = q.view(b, t, h, m).transpose(1, 2)
+    kh = k.view(b, t, -1, m).transpose(1, 2)
+    kh = kh.repeat_interleave(h // kh.shape[1], dim=1)
+    vh = v.view(b, t, h, dv).transpose(1, 2)
+    o, s = recurrent_attention(qh, kh, vh, log_gate.transpose(1, 2), None, state)
+    return o.transpose(1, 2).reshape(b, t, h * dv).contiguous(), s.contiguous()
+
+
+@gated_linear_attention.register_fake
+def _(q, k, v, state, log_gate):
+    b, t, _ = q.shape
+    return q.new_empty(b, t, state.shape[1] * state.shape[3]), state.new_empty(state.shape)
+
+
+def native_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
+                     beta: Tensor | None = None,
+                     initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``gated_linear_attention`` with the references' signature and layout."""
+    beta, s0 = _defaults(q, v, beta, initial_state)
+    b, h, t, m = q.shape
+    dv = v.shape[-1]
+    pack = (lambda x, d: x.transpose(1, 2).reshape(b, t, h * d))
+    k = k * beta[..., None]                    # beta_n phi(k_n)^T v_n == (beta_n phi(k_n))^T v_n
+    o, s = gated_linear_attention(pack(q, m), pack(k, m), pack(v, dv), s0, log_gate.transpose(1, 2))
+    return o.view(b, t, h, dv).transpose(1, 2), s
+
+
 FORMS = {
     "parallel": parallel_attention,
     "chunked": chunked_attention,
     "recurrent": recurrent_attention,
+    "masked": masked_attention,
+    "native": native_attention,
 }
 
 

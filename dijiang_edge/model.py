@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attention as A
+from . import ops
 from .errors import DiJiangError
 
 Tensor = torch.Tensor
@@ -85,20 +86,58 @@ class RecurrentState:
         return RecurrentState([s.clone() for s in self.layers], self.pos.clone())
 
 
+@dataclass
+class Context:
+    """What every layer of one call shares, computed once per call by the caller.
+
+    ``valid`` None means every token is real (the exported graphs); ``like`` is any
+    ``[B, T]`` tensor of the call (the exported native graph's shape source); ``keep``
+    (``[1]``, 0 or 1) is the ``.pte`` program's in-graph reset at ``start_pos == 0``;
+    ``form`` forces an attention form in the eager core (tests, references)."""
+
+    positions: Tensor                   # [B or 1, T]
+    cos: Tensor                         # [B or 1, T, 1, head_dim]
+    sin: Tensor                         # same, RoPE's sign folded in
+    valid: Tensor | None = None         # [B, T] bool
+    like: Tensor | None = None
+    keep: Tensor | None = None
+    form: str | None = None
+    _memo: dict = field(default_factory=dict)
+
+    def once(self, name: str, make):
+        """``make()`` computed for the first layer that asks, shared by the others."""
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
+
+
 class RMSNorm(nn.Module):
+    """``forward(x, residual) -> (RMSNorm(x + residual), x + residual)``: each residual
+    add is joined to the norm after it (one ONNX node, ``ops.add_rms_norm``)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` with ``RMSNorm``'s ``(x, residual)`` signature (GPT-NeoX)."""
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = x if residual is None else x + residual
+        return super().forward(x), x
+
+
+def make_norm(a: "ModelArgs") -> nn.Module:
+    return RMSNorm(a.hidden_size, a.norm_eps) if a.norm == "rms" else LayerNorm(a.hidden_size, eps=a.norm_eps)
 
 
 class GroupNorm(nn.Module):
-    """``nn.GroupNorm(groups, channels)`` applied to each token's channels, written
-    with plain ops so it exports and works on ``[B, T, C]`` without reshapes to 2-D."""
+    """``nn.GroupNorm(groups, channels)`` applied to each token's channels of ``[B, T, C]``."""
 
     def __init__(self, groups: int, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -107,12 +146,7 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        g = x.reshape(*shape[:-1], self.groups, shape[-1] // self.groups)
-        mean = g.mean(-1, keepdim=True)
-        var = (g - mean).pow(2).mean(-1, keepdim=True)
-        g = (g - mean) * torch.rsqrt(var + self.eps)
-        return g.reshape(shape) * self.weight + self.bias
+        return ops.group_norm(x, self.weight, self.bias, self.groups, self.eps)
 
 
 def _act(name: str):
@@ -126,11 +160,14 @@ def _act(name: str):
 
 
 class FeedForward(nn.Module):
-    """Gated MLP (Llama family) or plain MLP (GPT-NeoX), keeping the source's names."""
+    """Gated MLP (Llama family) or plain MLP (GPT-NeoX), keeping the source's names.
+    ``gate_up`` (None unless ``transforms.fuse_projections`` set it) is the gate and up
+    projections as one matrix."""
 
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.arch, self.act = a.arch, _act(a.act)
+        self.arch, self.act, self.inner = a.arch, _act(a.act), a.intermediate_size
+        self.gate_up: nn.Linear | None = None
         if a.arch == "gpt_neox":
             self.dense_h_to_4h = nn.Linear(a.hidden_size, a.intermediate_size, bias=True)
             self.dense_4h_to_h = nn.Linear(a.intermediate_size, a.hidden_size, bias=True)
@@ -142,29 +179,44 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.arch == "gpt_neox":
             return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            g, u = self.gate_up(x).split(self.inner, dim=-1)
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(g) * u)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(positions: Tensor, inv_freq: Tensor, head_dim: int, scaling: float) -> tuple[Tensor, Tensor]:
+    """cos and signed sin ``[B, T, 1, head_dim]`` from positions (no table, no length cap):
+    ``apply_rope(x) = x * cos + rotate_half(x) * sin`` with RoPE's minus sign in ``sin``
+    and partial rotary as ``cos = 1, sin = 0`` on the channels it leaves alone."""
+    rd = 2 * inv_freq.shape[0]
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    sign = torch.cat((-torch.ones_like(inv_freq), torch.ones_like(inv_freq))) * scaling
+    cos, sin = emb.cos() * scaling, emb.sin() * sign
+    if head_dim > rd:
+        cos = F.pad(cos, (0, head_dim - rd), value=1.0)
+        sin = F.pad(sin, (0, head_dim - rd), value=0.0)
+    return cos, sin
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int) -> Tensor:
-    """RoPE on the first ``rotary_dim`` channels (all of them unless partial). x: [B, T, H, d]."""
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    rot = rot * cos + rotate_half(rot) * sin
-    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+def apply_rope(x: Tensor, ctx: Context, perm: Tensor, rotary_dim: int) -> Tensor:
+    """RoPE on ``x [B, T, heads, head_dim]`` (q and k heads together)."""
+    return x * ctx.cos + ops.rotate_half(x, perm, rotary_dim) * ctx.sin
 
 
 class DiJiangAttention(nn.Module):
     """Source q/k/v/o projections (kept) around DiJiang attention (new).
 
-    ``forward`` picks the form: chunked for several tokens, one recurrent step for one.
-    """
+    The recurrence itself is ``self.core`` (``cores.py``): the eager chunked/recurrent
+    core by default; export transforms swap in the masked, one-step or native core.
+    ``in_proj`` (None unless ``transforms.fuse_projections`` set it) is q, k, v and the
+    gate as one matrix."""
 
     def __init__(self, a: ModelArgs, layer_idx: int):
         super().__init__()
+        from .cores import EagerCore
         self.a, self.layer_idx = a, layer_idx
         d, h, hkv = a.head_dim, a.n_heads, a.n_kv_heads
         if a.arch == "gpt_neox":
@@ -177,6 +229,7 @@ class DiJiangAttention(nn.Module):
             self.o_proj = nn.Linear(h * d, a.hidden_size, bias=a.o_bias)
         self.register_buffer("proj", A.projection_matrix(d))          # frozen P = C @ T
         self.decay_logit = nn.Parameter(_logit_of_log(A.default_log_decay(h)))
+        self.register_buffer("frozen_log_decay", None, persistent=False)   # set by export transforms
         if a.pos_table_len:   # imported per-position gates; the extra last column serves all later positions
             self.register_buffer("pos_log_gate", torch.zeros(h, a.pos_table_len + 1))
             self.register_buffer("pos_beta", torch.ones(h, a.pos_table_len + 1))
@@ -184,77 +237,82 @@ class DiJiangAttention(nn.Module):
             self.gate = nn.Linear(a.hidden_size, a.v_dim, bias=False)
         if a.variant == "official":
             self.group_norm = GroupNorm(a.norm_groups or h, a.v_dim)
+        rd, half = a.rotary_dim, a.rotary_dim // 2
+        perm = list(range(half, rd)) + list(range(half)) + list(range(rd, d))
+        self.register_buffer("rope_perm", torch.tensor(perm, dtype=torch.long), persistent=False)
+        self.in_proj: nn.Linear | None = None
+        self.core: nn.Module = EagerCore(a)
 
     # -- pieces ---------------------------------------------------------------
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, t, _ = x.shape
-        d = self.a.head_dim
-        if self.a.arch == "gpt_neox":
-            qkv = self.query_key_value(x).view(b, t, self.a.n_heads, 3 * d)
-            return qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-        q = self.q_proj(x).view(b, t, self.a.n_heads, d)
-        k = self.k_proj(x).view(b, t, self.a.n_kv_heads, d)
-        v = self.v_proj(x).view(b, t, self.a.n_kv_heads, d)
-        return q, k, v
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``qk [B, T, (H + H_kv) * d]``, ``v [B, T, H_kv * d]`` and the gate (or None)."""
+        a = self.a
+        d, h, hkv = a.head_dim, a.n_heads, a.n_kv_heads
+        if self.in_proj is not None:
+            sizes = [(h + hkv) * d, hkv * d] + ([a.v_dim] if hasattr(self, "gate") else [])
+            qk, v, *g = self.in_proj(x).split(sizes, dim=-1)
+            return qk, v, (g[0] if g else None)
+        gate = self.gate(x) if hasattr(self, "gate") else None
+        if a.arch == "gpt_neox":       # rows are [head, (q|k|v), d]
+            q, k, v = ops.reshape_bt(self.query_key_value(x), [h, 3 * d]).split(d, dim=-1)
+            return ops.reshape_bt(torch.cat((q, k), dim=2), [-1]), ops.reshape_bt(v, [-1]), gate
+        return torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x), gate
 
     def out_proj(self, o: Tensor) -> Tensor:
         return self.dense(o) if self.a.arch == "gpt_neox" else self.o_proj(o)
 
     def log_decay(self) -> Tensor:
-        """Per-head ``ln gamma`` (learnable through ``decay_logit``)."""
+        """Per-head ``ln gamma`` (learnable through ``decay_logit``; a constant once frozen)."""
+        if self.frozen_log_decay is not None:
+            return self.frozen_log_decay
         return F.logsigmoid(self.decay_logit)
 
-    def gates(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-token ``log_gate, beta`` ``[B, H, T]``; invisible (0, 0) where not ``valid``."""
+    def gates(self, ctx: Context) -> tuple[Tensor, Tensor | None]:
+        """Log gate ``[B, H, T]`` (``[1, H, 1]`` for a constant decay) and beta (None = 1);
+        invisible (0, 0) where a token is not ``valid``."""
         if self.a.pos_table_len:
-            idx = positions.clamp(0, self.a.pos_table_len)
+            idx = ctx.positions.clamp(0, self.a.pos_table_len)
             lg = self.pos_log_gate[:, idx].permute(1, 0, 2)
             beta = self.pos_beta[:, idx].permute(1, 0, 2)
         else:
-            lg = self.log_decay()[None, :, None].expand(positions.shape[0], -1, positions.shape[1])
-            beta = torch.ones_like(lg)
-        valid = valid[:, None, :].to(lg.dtype)
-        return lg * valid, beta * valid
+            lg, beta = self.log_decay()[None, :, None], None
+        if ctx.valid is None:
+            return lg, beta
+        valid = ctx.valid[:, None, :].to(lg.dtype)
+        return lg * valid, valid if beta is None else beta * valid
 
-    def features(self, x: Tensor, cos: Tensor, sin: Tensor):
-        """q, k, v ``[B, H, T, *]`` in float32: RoPE first, then ``phi``; k/v repeated for GQA."""
-        q, k, v = self._qkv(x)
-        q = apply_rope(q, cos, sin, self.a.rotary_dim)
-        k = apply_rope(k, cos, sin, self.a.rotary_dim)
-        q = A.feature_map(q, self.proj).transpose(1, 2)
-        k = A.feature_map(k, self.proj).transpose(1, 2)
-        v = v.to(q.dtype).transpose(1, 2)
-        rep = self.a.n_heads // self.a.n_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if self.a.variant != "official":
-            v = torch.cat((v, torch.ones_like(v[..., :1])), dim=-1)   # last column carries z
-        return q, k, v
+    def features(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Packed ``phi(q) [B, T, H*m]``, ``phi(k) [B, T, H_kv*m]`` (RoPE first), ``v``
+        (with a ones column per head that carries ``z`` in the normalized variants) and the gate."""
+        a = self.a
+        qk, v, gate = self.project(x)
+        qk = apply_rope(ops.reshape_bt(qk, [a.n_heads + a.n_kv_heads, a.head_dim]), ctx,
+                        self.rope_perm, a.rotary_dim)
+        qk = ops.reshape_bt(A.feature_map(qk, self.proj), [-1])
+        q, k = qk.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1)
+        v = v if v.dtype == q.dtype else v.to(q.dtype)      # (a no-op cast is still a graph node)
+        if a.variant != "official":
+            v = ops.reshape_bt(ops.append_ones(ops.reshape_bt(v, [a.n_kv_heads, a.head_dim])), [-1])
+        return q, k, v, gate
 
-    def finish(self, x: Tensor, o: Tensor) -> Tensor:
-        """Per-token output: heads merged, normaliser or GroupNorm, gate, projection."""
-        b, h, t, _ = o.shape
-        if self.a.variant != "official":
-            o = o[..., :-1] / (o[..., -1:] + self.a.eps)
-        o = o.transpose(1, 2).reshape(b, t, h * self.a.head_dim).to(x.dtype)
-        if self.a.variant == "official":
-            o = F.silu(self.gate(x)) * self.group_norm(o)
-        elif self.a.variant == "normalized_gated":
-            o = o * 2 * torch.sigmoid(self.gate(x))    # zero-initialised gate == identity
+    def finish(self, x: Tensor, o: Tensor, gate: Tensor | None) -> Tensor:
+        """Per-token output from the core's packed ``o``: normaliser or GroupNorm, gate, projection."""
+        a = self.a
+        if a.variant != "official":
+            o, z = ops.reshape_bt(o, [a.n_heads, a.head_dim + 1]).split([a.head_dim, 1], dim=-1)
+            o = ops.reshape_bt(o / (z + a.eps), [-1])
+        o = o if o.dtype == x.dtype else o.to(x.dtype)
+        if a.variant == "official":
+            o = F.silu(gate) * self.group_norm(o)
+        elif a.variant == "normalized_gated":
+            o = o * 2 * torch.sigmoid(gate)    # zero-initialised gate == identity
         return self.out_proj(o)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, valid: Tensor,
-                state: Tensor, form: str | None = None) -> tuple[Tensor, Tensor]:
-        q, k, v = self.features(x, cos, sin)
-        lg, beta = self.gates(positions, valid)
-        form = form or ("recurrent" if x.shape[1] == 1 else "chunked")
-        if form == "recurrent" and x.shape[1] == 1:
-            o, s = A.recurrent_step(q, k, v, lg, beta, state)
-        elif form == "chunked":
-            o, s = A.chunked_attention(q, k, v, lg, beta, state, self.a.chunk_size)
-        else:
-            o, s = A.FORMS[form](q, k, v, lg, beta, state)
-        return self.finish(x, o), s
+    def forward(self, x: Tensor, ctx: Context, state: Tensor) -> tuple[Tensor, Tensor]:
+        q, k, v, gate = self.features(x, ctx)
+        lg, beta = self.gates(ctx)
+        o, s = self.core(q, k, v, lg, beta, state, ctx)
+        return self.finish(x, o, gate), s
 
 
 def _logit_of_log(log_gamma: Tensor) -> Tensor:
@@ -263,21 +321,23 @@ def _logit_of_log(log_gamma: Tensor) -> Tensor:
 
 
 class Block(nn.Module):
+    """``forward(x, pending, ctx, state) -> (x, pending, state)``: the residual stream is
+    ``x + pending``; each add is left to the norm that follows it."""
+
     def __init__(self, a: ModelArgs, i: int):
         super().__init__()
         self.parallel = a.parallel_residual
-        norm = (lambda: RMSNorm(a.hidden_size, a.norm_eps)) if a.norm == "rms" else \
-            (lambda: nn.LayerNorm(a.hidden_size, eps=a.norm_eps))
-        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.input_layernorm, self.post_attention_layernorm = make_norm(a), make_norm(a)
         self.attn = DiJiangAttention(a, i)
         self.mlp = FeedForward(a)
 
-    def forward(self, x, cos, sin, positions, valid, state, form=None):
-        a, s = self.attn(self.input_layernorm(x), cos, sin, positions, valid, state, form)
+    def forward(self, x: Tensor, pending: Tensor | None, ctx: Context, state: Tensor):
+        h, x = self.input_layernorm(x, pending)
+        a, s = self.attn(h, ctx, state)
         if self.parallel:
-            return x + a + self.mlp(self.post_attention_layernorm(x)), s
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), s
+            return x, a + self.mlp(self.post_attention_layernorm(x)[0]), s
+        h, x = self.post_attention_layernorm(a, x)
+        return x, self.mlp(h), s
 
 
 class DiJiangForCausalLM(nn.Module):
@@ -290,8 +350,7 @@ class DiJiangForCausalLM(nn.Module):
         self.args = a
         self.embed = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, i) for i in range(a.n_layers))
-        self.norm = RMSNorm(a.hidden_size, a.norm_eps) if a.norm == "rms" else \
-            nn.LayerNorm(a.hidden_size, eps=a.norm_eps)
+        self.norm = make_norm(a)
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         if a.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -313,10 +372,21 @@ class DiJiangForCausalLM(nn.Module):
         return RecurrentState(layers, torch.zeros(batch, dtype=torch.long, device=dev))
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos/sin ``[B, T, 1, rotary_dim]`` computed from positions (no table, no length cap)."""
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return emb.cos() * self.args.rope_scaling, emb.sin() * self.args.rope_scaling
+        """cos and signed sin ``[B, T, 1, head_dim]`` for ``positions [B, T]`` (``rope_tables``)."""
+        return rope_tables(positions, self.inv_freq, self.args.head_dim, self.args.rope_scaling)
+
+    def context(self, positions: Tensor, valid: Tensor | None = None, like: Tensor | None = None,
+                keep: Tensor | None = None, form: str | None = None) -> Context:
+        return Context(positions, *self.rope(positions), valid=valid, like=like, keep=keep, form=form)
+
+    def hidden(self, input_ids: Tensor, ctx: Context, states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The final-normed hidden states ``[B, T, hidden]`` and each layer's new state:
+        the whole network below the head, shared by eager, ONNX and ``.pte``."""
+        x, pending, new = self.embed(input_ids), None, []
+        for layer, s in zip(self.layers, states):
+            x, pending, s = layer(x, pending, ctx, s)
+            new.append(s)
+        return self.norm(x, pending)[0], new
 
     # -- forward -------------------------------------------------------------
     def forward(self, input_ids: Tensor, state: RecurrentState | None = None,
@@ -330,17 +400,14 @@ class DiJiangForCausalLM(nn.Module):
         """
         b, t = input_ids.shape
         state = state if state is not None else self.init_state(b)
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
-            else attention_mask.bool()
-        steps = valid.long().cumsum(-1)
+        if attention_mask is None:
+            valid = None
+            steps = torch.arange(1, t + 1, device=input_ids.device).expand(b, t)
+        else:
+            valid = attention_mask.bool()
+            steps = valid.long().cumsum(-1)
         positions = state.pos[:, None] + (steps - 1).clamp(min=0)
-        cos, sin = self.rope(positions)
-        x = self.embed(input_ids)
-        new = []
-        for layer, s in zip(self.layers, state.layers):
-            x, s = layer(x, cos, sin, positions, valid, s, form)
-            new.append(s)
-        h = self.norm(x)
+        h, new = self.hidden(input_ids, self.context(positions, valid, like=input_ids, form=form), state.layers)
         out = self.lm_head(h)
         new_state = RecurrentState(new, state.pos + steps[:, -1])
         return (out, new_state, h) if return_hidden else (out, new_state)
@@ -384,4 +451,4 @@ class DiJiangForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-__all__ = ["ModelArgs", "RecurrentState", "DiJiangForCausalLM", "DiJiangAttention", "VARIANTS"]
+__all__ = ["ModelArgs", "RecurrentState", "Context", "DiJiangForCausalLM", "DiJiangAttention", "VARIANTS"]

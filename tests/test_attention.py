@@ -1,4 +1,5 @@
-"""The three forms of DiJiang attention compute one function (DESIGN.md section 2)."""
+"""The three forms of DiJiang attention, and the export forms beside them, compute one
+function (DESIGN.md section 2)."""
 
 import math
 
@@ -36,6 +37,30 @@ def test_forms_agree(t, chunk, gates):
     if t <= 64 or chunk == 64:   # the Python-loop recurrence is slow; one long case is enough
         o_r, s_r = A.recurrent_attention(q, k, v, lg, beta, s0)
         assert rel_err(o_r, o_p) < 1e-5 and rel_err(s_r, s_p) < 1e-5
+
+
+@pytest.mark.parametrize("t", [1, 5, 37])
+@pytest.mark.parametrize("form", ["masked", "native"])
+@pytest.mark.parametrize("gates", ["constant", "per_position"])
+def test_export_forms_equal_the_reference(t, form, gates):
+    """The forms the exported files run (same signature) against the parallel reference."""
+    q, k, v, lg, beta = _inputs(1, 3, t, 8, 9, seed=t, gates=gates)
+    s0 = torch.randn(1, 3, 8, 9)
+    o_ref, s_ref = A.parallel_attention(q, k, v, lg, beta, s0)
+    o, s = A.FORMS[form](q, k, v, lg, beta, s0)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_keep_zero_starts_a_fresh_sequence(t):
+    """``decayed_attention``'s ``keep`` (the ``.pte`` in-graph reset): 1 carries the state, 0 drops it."""
+    q, k, v, lg, beta = _inputs(1, 2, t, 8, 8, seed=7, gates="per_position")
+    s0 = torch.randn(1, 2, 8, 8)
+    cum, mask = lg.cumsum(-1), A.causal_mask(t)
+    for keep, init in ((1.0, s0), (0.0, torch.zeros_like(s0))):
+        o, s = A.decayed_attention(q, k, v, cum, beta, s0, mask, torch.tensor([keep]))
+        o_ref, s_ref = A.parallel_attention(q, k, v, lg, beta, init)
+        assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5, keep
 
 
 @pytest.mark.parametrize("split", [1, 5, 33])

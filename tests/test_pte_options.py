@@ -8,7 +8,7 @@ import dijiang_edge
 from dijiang_edge import attention as A
 from dijiang_edge.cli import build_parser, cmd_export
 from dijiang_edge.errors import DiJiangError
-from dijiang_edge.exporters.executorch import (Int8Embedding, RecurrentLM, masked_attention,
+from dijiang_edge.exporters.executorch import (Int8Embedding, RecurrentLM,
                                                parse_quant, quant_label)
 from conftest import rel_err
 
@@ -25,26 +25,6 @@ def test_quant_labels_round_trip(label, pair):
 def test_unknown_quant_is_refused(bad):
     with pytest.raises(DiJiangError, match="--qlinear"):
         parse_quant(bad)
-
-
-@pytest.mark.parametrize("t", [1, 5, 37])
-def test_masked_form_equals_the_reference(t):
-    g = torch.Generator().manual_seed(t)
-    b, h, m, dv = 1, 3, 8, 9
-    q = torch.softmax(torch.randn(b, h, t, m, generator=g), -1)
-    k = torch.softmax(torch.randn(b, h, t, m, generator=g), -1)
-    v = torch.randn(b, h, t, dv, generator=g)
-    lg = -torch.rand(b, h, t, generator=g) * 0.1
-    beta = torch.rand(b, h, t, generator=g)
-    s0 = torch.randn(b, h, m, dv, generator=g)
-    o, s = masked_attention(q, k, v, lg, beta, s0)
-    o_ref, s_ref = A.parallel_attention(q, k, v, lg, beta, s0)
-    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
-    o1, s1 = masked_attention(q, k, v, lg, beta, s0, keep=torch.ones(1))      # the in-graph reset
-    o0, s0_ = masked_attention(q, k, v, lg, beta, s0, keep=torch.zeros(1))
-    o_new, s_new = A.parallel_attention(q, k, v, lg, beta, torch.zeros_like(s0))
-    assert rel_err(o1, o_ref) < 1e-5 and rel_err(s1, s_ref) < 1e-5
-    assert rel_err(o0, o_new) < 1e-5 and rel_err(s0_, s_new) < 1e-5
 
 
 def test_int8_embedding_is_per_row_and_close():

@@ -26,10 +26,9 @@ def layer_attention(student: DiJiangForCausalLM, xs: list[torch.Tensor]) -> list
     """Each student layer's attention output for its given input (a fresh sequence each)."""
     b, t, _ = xs[0].shape
     positions = torch.arange(t, device=xs[0].device).expand(b, t)
-    valid = torch.ones(b, t, dtype=torch.bool, device=xs[0].device)
-    cos, sin = student.rope(positions)
+    ctx = student.context(positions, like=positions)
     state = torch.zeros(student.state_shape(b), device=xs[0].device)
-    return [layer.attn(x, cos, sin, positions, valid, state)[0] for layer, x in zip(student.layers, xs)]
+    return [layer.attn(x, ctx, state)[0] for layer, x in zip(student.layers, xs)]
 
 
 class TransferObjective(nn.Module):

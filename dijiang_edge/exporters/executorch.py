@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DiJiangError
+from ..transforms import for_pte
 
 Tensor = torch.Tensor
 MAX_SEQ_LEN = 128                 # tokens per forward call (the runner chunks longer prompts)
@@ -133,94 +134,27 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
 # The exported module
 # ----------------------------------------------------------------------------
 
-def causal_mask(t: int, device=None) -> Tensor:
-    """Additive ``[T, T]`` mask: 0 on and below the diagonal, ``-inf`` above (once per call)."""
-    idx = torch.arange(t, device=device)
-    return torch.where(idx[:, None] >= idx[None, :], 0.0, float("-inf"))
-
-
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, beta: Tensor | None,
-                     state: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The parallel form over one call's tokens in float32, written to export with a
-    dynamic ``T``: decays are differences of cumulative log gates masked before
-    ``exp`` (nothing overflows), and the carried ``state`` enters through
-    ``exp(cum)``. For ``T == 1`` this is ``recurrent_step``.
-
-    ``keep`` (``[1]``, 0 or 1) scales the carried state's decay factors: 0 starts a
-    fresh sequence without touching the state tensor itself (a ``where`` over it cost
-    ~0.4 ms per layer in ExecuTorch's portable kernels)."""
-    return decayed_attention(q, k, v, log_gate.cumsum(-1), beta, state, keep, causal_mask(q.shape[2], q.device))
-
-
-def decayed_attention(q: Tensor, k: Tensor, v: Tensor, cum: Tensor, beta: Tensor | None, state: Tensor,
-                      keep: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``masked_attention`` from the cumulative log gate ``cum [B, H, T]`` and the
-    additive ``causal_mask``, which the exported module computes once per call (and
-    ``cum`` as ``log_decay * (1..T)`` for a constant decay): every op left here is one
-    XNNPACK takes. ``beta`` None means 1."""
-    decay = (cum[..., :, None] - cum[..., None, :] + mask).exp()     # exp(-inf) = 0 above the diagonal
-    scores = (q @ k.transpose(-1, -2)) * decay
-    from_state, last = cum.exp(), cum[..., -1:]                      # [B, H, T], [B, H, 1]
-    carry, to_end = last.exp(), (last - cum).exp()
-    if beta is not None:
-        scores, to_end = scores * beta[..., None, :], to_end * beta
-    if keep is not None:
-        from_state, carry = from_state * keep, carry * keep
-    o = scores @ v + from_state[..., None] * (q @ state)
-    s = carry[..., None] * state + (k * to_end[..., None]).transpose(-1, -2) @ v
-    return o, s
-
-
-def _block(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, state: Tensor, keep: Tensor,
-           mask: Tensor, gates: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor]:
-    """``Block.forward`` with the attention in its exportable masked form;
-    ``gates`` = (cumulative log gate, beta) of this call."""
-    h = layer.input_layernorm(x)
-    attn = layer.attn
-    q, k, v = attn.features(h, cos, sin)
-    o, s = decayed_attention(q, k, v, gates[0], gates[1], state, keep, mask)
-    a = attn.finish(h, o)
-    if layer.parallel:
-        return x + a + layer.mlp(layer.post_attention_layernorm(x)), s
-    x = x + a
-    return x + layer.mlp(layer.post_attention_layernorm(x)), s
-
-
 class RecurrentLM(nn.Module):
-    """``forward(tokens [1, T], start_pos [1]) -> logits [1, T, V]`` with the state
-    in buffers ``state_{i}``: the module ``torch.export`` sees."""
+    """``forward(tokens [1, T], start_pos [1]) -> logits [1, T, V]`` over
+    ``transforms.for_pte(model)``, the state held in buffers ``state_{i}``: the module
+    ``torch.export`` sees.  The buffers are the state holder; the layers are the model's."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model = for_pte(model)
         self.n_layers = len(model.layers)
-        self.tables = bool(model.args.pos_table_len)          # imported per-position gates
-        for i, layer in enumerate(model.layers):
+        for i in range(self.n_layers):
             self.register_buffer(f"state_{i}", torch.zeros(model.state_shape(1)))
-            if not self.tables:         # a constant per head: computed here, not in every call
-                self.register_buffer(f"log_decay_{i}", layer.attn.log_decay().detach().clone()[None, :, None])
-
-    def gates(self, i: int, positions: Tensor, steps: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Layer ``i``'s cumulative log gate ``[1, H, T]`` over this call and its beta."""
-        if self.tables:
-            lg, beta = self.model.layers[i].attn.gates(positions, torch.ones_like(positions, dtype=torch.bool))
-            return lg.cumsum(-1), beta
-        return getattr(self, f"log_decay_{i}") * steps, None
 
     def forward(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
         m = self.model
-        t = tokens.shape[1]
-        positions = start_pos[:, None] + torch.arange(t, device=tokens.device)[None, :]
-        steps = torch.arange(1, t + 1, device=tokens.device, dtype=torch.float32)
+        positions = start_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None, :]
         keep = (start_pos != 0).to(torch.float32)                 # in-graph reset: 0 at position 0
-        mask = causal_mask(t, tokens.device)
-        cos, sin = m.rope(positions)
-        x = m.embed(tokens)
-        for i, layer in enumerate(m.layers):
-            buf = getattr(self, f"state_{i}")
-            x, s = _block(layer, x, cos, sin, buf, keep, mask, self.gates(i, positions, steps))
+        bufs = [getattr(self, f"state_{i}") for i in range(self.n_layers)]
+        h, new = m.hidden(tokens, m.context(positions, like=tokens, keep=keep), bufs)
+        for buf, s in zip(bufs, new):
             buf.copy_(s)
-        return m.lm_head(m.norm(x)).float()
+        return m.lm_head(h).float()
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""Layout and normalisation helpers of the model, each with an ONNX form of one node.
+
+Decode of a small model is a few dozen small matrix-vector products per layer, so
+onnxruntime's cost per node (microseconds) rivals the arithmetic.  A plain trace of
+``x.view(b, t, h, d)`` costs a ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``
+chain; a residual add and the RMSNorm after it cost a dozen nodes.  The model calls
+these helpers instead: in eager mode and under ``torch.export`` (the ``.pte`` path)
+each is its plain torch expression; while ``torch.onnx.export`` traces, each is a
+custom op that ``register_onnx_symbolics`` maps to a single ONNX node:
+
+* ``reshape_bt``    -> ``Reshape(x, [0, 0, *tail])`` (batch and sequence kept as ``0`` dims)
+* ``repeat_heads``  -> ``Reshape / Expand / Reshape`` (GQA without shape arithmetic)
+* ``expand_bt``     -> one ``Expand`` whose target shape is computed once per graph
+* ``append_ones``   -> one ``Pad``
+* ``rotate_half``   -> one ``Gather`` (RoPE's rotation as a constant permutation)
+* ``group_norm``    -> one ``LayerNormalization``
+* ``add_rms_norm``  -> one ``com.microsoft::SkipSimplifiedLayerNormalization``
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _onnx() -> bool:
+    """Whether the TorchScript ONNX exporter is tracing (the dynamo exporter, which
+    traces through torch.export, sees the plain expressions)."""
+    return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
+
+
+# -- the helpers the model calls ------------------------------------------------------
+
+def reshape_bt(x: Tensor, tail: list[int]) -> Tensor:
+    """``x.reshape(B, T, *tail)`` for ``x [B, T, ...]``."""
+    return _keep2_reshape(x, tail) if _onnx() else x.reshape(*x.shape[:2], *tail)
+
+
+def repeat_heads(x: Tensor, heads: int, rep: int) -> Tensor:
+    """``[B, T, heads*d] -> [B, T, heads*rep*d]``, each head repeated ``rep`` times in
+    place (``repeat_interleave`` over heads, as grouped-query attention needs)."""
+    if rep == 1:
+        return x
+    if _onnx():
+        return _repeat_heads(x, heads, rep)
+    b, t, _ = x.shape
+    return x.view(b, t, heads, 1, -1).expand(b, t, heads, rep, x.shape[-1] // heads).reshape(b, t, -1)
+
+
+def expand_bt(x: Tensor, like: Tensor) -> Tensor:
+    """``x [H]`` broadcast to ``[B, T, H]`` with ``like [B, T]``."""
+    return _expand_bt(x, like) if _onnx() else x.expand(*like.shape, x.shape[0])
+
+
+def append_ones(x: Tensor) -> Tensor:
+    """``x`` with a column of ones appended on the last axis."""
+    return _append_ones(x) if _onnx() else F.pad(x, (0, 1), value=1.0)
+
+
+def rotate_half(x: Tensor, perm: Tensor, rotary_dim: int) -> Tensor:
+    """RoPE's rotation without its sign: the two halves of the first ``rotary_dim``
+    channels swapped, the rest kept (``x.index_select(-1, perm)``).  Written as slices
+    and a concat outside ONNX, which XNNPACK takes (it has no gather)."""
+    if _onnx():
+        return x.index_select(-1, perm)
+    half = rotary_dim // 2
+    parts = [x[..., half:rotary_dim], x[..., :half]]
+    if x.shape[-1] > rotary_dim:
+        parts.append(x[..., rotary_dim:])
+    return torch.cat(parts, dim=-1)
+
+
+def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
+    """``nn.GroupNorm(groups, C)`` on each token's channels of ``x [B, T, C]``."""
+    if _onnx():
+        return _group_norm(x, weight, bias, groups, eps)
+    g = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    mean = g.mean(-1, keepdim=True)
+    var = (g - mean).pow(2).mean(-1, keepdim=True)
+    g = (g - mean) * torch.rsqrt(var + eps)
+    return g.reshape(x.shape) * weight + bias
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(RMSNorm(x + residual), x + residual)``: the residual add joined to the norm after it."""
+    if residual is None:
+        return rms_norm(x, weight, eps), x
+    if _onnx():
+        return _skip_rms_norm(x, residual, weight, eps)
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+# -- the custom ops seen by torch.onnx.export (reference bodies for tracing) ----------
+
+@torch.library.custom_op("dijiang_edge::keep2_reshape", mutates_args=())
+def _keep2_reshape(x: Tensor, tail: list[int]) -> Tensor:
+    return x.reshape(*x.shape[:2], *tail).clone()
+
+
+@_keep2_reshape.register_fake
+def _(x, tail):
+    return x.new_empty(torch.empty(x.shape).reshape(*x.shape[:2], *tail).shape)
+
+
+@torch.library.custom_op("dijiang_edge::repeat_heads", mutates_args=())
+def _repeat_heads(x: Tensor, heads: int, rep: int) -> Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, heads, 1, -1).expand(b, t, heads, rep, x.shape[-1] // heads).reshape(b, t, -1).clone()
+
+
+@_repeat_heads.register_fake
+def _(x, heads, rep):
+    return x.new_empty(*x.shape[:2], x.shape[2] * rep)
+
+
+@torch.library.custom_op("dijiang_edge::expand_bt", mutates_args=())
+def _expand_bt(x: Tensor, like: Tensor) -> Tensor:
+    return x.expand(*like.shape, x.shape[0]).clone()
+
+
+@_expand_bt.register_fake
+def _(x, like):
+    return x.new_empty(*like.shape, x.shape[0])
+
+
+@torch.library.custom_op("dijiang_edge::append_ones", mutates_args=())
+def _append_ones(x: Tensor) -> Tensor:
+    return F.pad(x, (0, 1), value=1.0)
+
+
+@_append_ones.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+
+
+@torch.library.custom_op("dijiang_edge::group_norm", mutates_args=())
+def _group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
+    y = F.layer_norm(x.unflatten(-1, (groups, -1)), [x.shape[-1] // groups], eps=eps)
+    return (y.flatten(-2) * weight + bias).contiguous()
+
+
+@_group_norm.register_fake
+def _(x, weight, bias, groups, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dijiang_edge::skip_rms_norm", mutates_args=())
+def _skip_rms_norm(x: Tensor, skip: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    s = x + skip
+    return rms_norm(s, weight, eps), s.clone()
+
+
+@_skip_rms_norm.register_fake
+def _(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+# -- their ONNX symbolics (TorchScript exporter) ----------------------------------------
+
+def _const(g, values: list[int]):
+    return g.op("Constant", value_t=torch.tensor(values, dtype=torch.long))
+
+
+def _sym_keep2_reshape(g, x, tail):
+    from torch.onnx import symbolic_helper
+    tail = list(symbolic_helper._get_const(tail, "is", "tail"))
+    if -1 not in tail:      # the same shape; the exporter's shape inference wants one -1 beside 0s
+        tail[0] = -1
+    return g.op("Reshape", x, _const(g, [0, 0, *tail]))
+
+
+def _sym_repeat_heads(g, x, heads, rep):
+    from torch.onnx import symbolic_helper
+    heads = symbolic_helper._get_const(heads, "i", "heads")
+    rep = symbolic_helper._get_const(rep, "i", "rep")
+    y = g.op("Reshape", x, _const(g, [0, 0, heads, 1, -1]))
+    y = g.op("Expand", y, _const(g, [1, 1, 1, rep, 1]))
+    return g.op("Reshape", y, _const(g, [0, 0, -1]))
+
+
+_BT_SHAPES: dict = {}
+
+
+def _sym_expand_bt(g, x, like):
+    from torch.onnx import symbolic_helper
+    heads = symbolic_helper._get_tensor_sizes(x)[0]
+    key = (like.debugName(), heads)       # one Shape/Concat per graph (cleared per export), shared by every layer
+    if key not in _BT_SHAPES:
+        _BT_SHAPES[key] = g.op("Concat", g.op("Shape", like), _const(g, [heads]), axis_i=0)
+    return g.op("Expand", x, _BT_SHAPES[key])
+
+
+def _sym_append_ones(g, x):
+    from torch.onnx import symbolic_helper
+    rank = symbolic_helper._get_tensor_rank(x)
+    pads = [0] * (2 * rank - 1) + [1]                  # ONNX: all begins, then all ends
+    return g.op("Pad", x, _const(g, pads), g.op("Constant", value_t=torch.tensor(1.0)))
+
+
+def _sym_group_norm(g, x, weight, bias, groups, eps):
+    from torch.onnx import symbolic_helper
+    groups = symbolic_helper._get_const(groups, "i", "groups")
+    eps = symbolic_helper._get_const(eps, "f", "eps")
+    per = [groups, -1]
+    y = g.op("Reshape", x, _const(g, [0, 0, *per]))
+    y = g.op("LayerNormalization", y, g.op("Reshape", weight, _const(g, per)),
+             g.op("Reshape", bias, _const(g, per)), axis_i=-1, epsilon_f=eps)
+    return g.op("Reshape", y, _const(g, [0, 0, -1]))
+
+
+def _sym_skip_rms_norm(g, x, skip, weight, eps):
+    from torch.onnx import symbolic_helper
+    eps = symbolic_helper._get_const(eps, "f", "eps")
+    y, _, _, s = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight,
+                      epsilon_f=eps, outputs=4)
+    y.setType(x.type())
+    s.setType(x.type())
+    return y, s
+
+
+SYMBOLICS = {"dijiang_edge::keep2_reshape": _sym_keep2_reshape,
+             "dijiang_edge::repeat_heads": _sym_repeat_heads,
+             "dijiang_edge::expand_bt": _sym_expand_bt,
+             "dijiang_edge::append_ones": _sym_append_ones,
+             "dijiang_edge::group_norm": _sym_group_norm,
+             "dijiang_edge::skip_rms_norm": _sym_skip_rms_norm}
+
+
+def register_onnx_symbolics(opset: int) -> None:
+    """Map the helpers' custom ops to their ONNX nodes (call before each export)."""
+    _BT_SHAPES.clear()
+    for name, fn in SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, opset)

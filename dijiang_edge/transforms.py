@@ -1,0 +1,101 @@
+"""Transforms of the one model into what an export target traces.
+
+Each export target is the model of ``model.py`` with some leaf modules swapped, the way
+ExecuTorch's ``replace_sdpa_with_custom_op`` swaps one module: the function computed
+stays the same (tests compare every transformed model with the eager one), only how
+it runs changes.  The user's model is never modified: ``export_copy`` gives a new
+module tree that shares its tensors.
+
+* ``use_core(model, kind)``: the attention core of every layer (``cores.CORES``);
+* ``freeze_decay``: each layer's ``ln gamma`` as a constant, computed once here
+  instead of in every call of the exported graph;
+* ``fuse_projections``: q, k, v and the output gate as one matrix, the MLP's gate and
+  up projections as another (ONNX: one MatMul each; the same tensors in every graph
+  of a folder, so the weights file stores them once).
+
+``for_onnx`` and ``for_pte`` are the recipes the exporters use.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .cores import CORES
+from .errors import DiJiangError
+from .model import DiJiangForCausalLM
+
+Tensor = torch.Tensor
+
+
+def export_copy(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
+    """A copy of the module tree whose parameters and buffers are the model's own tensors."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def use_core(model: DiJiangForCausalLM, kind: str) -> DiJiangForCausalLM:
+    if kind not in CORES:
+        raise DiJiangError(f"unknown attention core {kind!r}; choose one of {', '.join(CORES)}")
+    for layer in model.layers:
+        layer.attn.core = CORES[kind](model.args)
+    return model
+
+
+def freeze_decay(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
+    for layer in model.layers:
+        attn = layer.attn
+        attn.frozen_log_decay = attn.log_decay().detach().clone()
+    return model
+
+
+def _qkv_weights(attn) -> list[tuple[Tensor, Tensor | None]]:
+    """``[(W_q, b_q), (W_k, b_k), (W_v, b_v)]`` of either architecture, heads contiguous."""
+    a = attn.a
+    if a.arch != "gpt_neox":
+        return [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    d, h = a.head_dim, a.n_heads            # query_key_value rows are [head, (q|k|v), d]
+    w = attn.query_key_value.weight.view(h, 3, d, -1)
+    b = attn.query_key_value.bias.view(h, 3, d)
+    return [(w[:, i].reshape(h * d, -1), b[:, i].reshape(-1)) for i in range(3)]
+
+
+def fused_linear(parts: list[tuple[Tensor, Tensor | None]]) -> nn.Linear:
+    """One ``nn.Linear`` whose output is the parts' outputs side by side."""
+    w = torch.cat([p[0] for p in parts]).detach()
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=any(p[1] is not None for p in parts))
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if lin.bias is not None:
+        b = [p[1] if p[1] is not None else w.new_zeros(p[0].shape[0]) for p in parts]
+        lin.bias = nn.Parameter(torch.cat(b).detach(), requires_grad=False)
+    return lin
+
+
+def fuse_projections(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        parts = _qkv_weights(attn) + ([(attn.gate.weight, None)] if hasattr(attn, "gate") else [])
+        attn.in_proj = fused_linear(parts)
+        if hasattr(mlp, "gate_proj"):
+            mlp.gate_up = fused_linear([(mlp.gate_proj.weight, mlp.gate_proj.bias),
+                                        (mlp.up_proj.weight, mlp.up_proj.bias)])
+    return model
+
+
+ONNX_CORES = {"block": "masked", "step": "step", "native": "native"}   # ONNX graph kind -> core
+
+
+def for_onnx(model: DiJiangForCausalLM, kind: str) -> DiJiangForCausalLM:
+    """The model an ONNX graph of ``kind`` (``block``, ``step``, ``native``) is traced from."""
+    if kind not in ONNX_CORES:
+        raise DiJiangError(f"unknown ONNX graph kind {kind!r}; choose one of {', '.join(ONNX_CORES)}")
+    return fuse_projections(freeze_decay(use_core(export_copy(model).eval(), ONNX_CORES[kind])))
+
+
+def for_pte(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
+    """The model the ``.pte`` program is traced from: the masked core (one graph for
+    prefill and decode), constant decays.  Projections stay apart: the ``.pte`` is
+    quantized in PyTorch, per linear layer, after the outlier rewrite."""
+    return freeze_decay(use_core(export_copy(model).eval(), "masked"))
