@@ -11,18 +11,18 @@ figures) and then a greedy continuation, which PyTorch sees teacher-forced on th
 runner's own tokens: the decode error at every step, and how many greedy tokens
 equal PyTorch's choice.
 
-Bars (``BARS``, one place): fp32 files within 1e-4 relative error and every greedy
-token identical; int8 files top-1 agreement >= 95% and perplexity within 5% of
-PyTorch's fp32.  Where PyTorch's own float32 run is further than 1e-4 from a float64
-run of the same model (the un-adapted official variant is ill-conditioned, ~1e-3, see
-README *Measured*), the prefill bar is that float32-vs-float64 error, as in
-``runtime_tests/test_pte.py``, and the table says so on the row.
+Every tier's figures are ``parity.compare``'s, judged by ``parity.failures`` against
+``bars.BARS`` (fp32: relative error and every greedy token identical; int8: top-1
+agreement and perplexity change).  Where PyTorch's own float32 run is further than the
+fp32 bar from a float64 run of the same model (the un-adapted official variant is
+ill-conditioned, ~1e-3, see README *Measured*), the prefill bar is that
+float32-vs-float64 error, and the table says so on the row.  The text is the one the
+folder's parity was measured on (``manifest.texts.parity``).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,9 +31,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .bars import BARS
 from .errors import DiJiangError
 
-BARS = {"fp32_max_rel_err": 1e-4, "int8_top1_agreement": 0.95, "int8_ppl_change": 0.05}
 DEFAULT_TOKENS = 512        # teacher-forced tokens per file: seconds on tiny models, ~minutes on 135M
 PROMPT, DECODE, GREEDY = 32, 32, 32
 TIERS = {"x86-python": "x86 python runtime", "x86-native": "x86 native C++ runner",
@@ -120,6 +120,12 @@ def reference_model(manifest: dict, model: str | None):
     return m, str(src)
 
 
+def parity_text(manifest) -> str:
+    """The text the folder's parity figures were measured on (older folders: Shakespeare)."""
+    from .exporters import PARITY_TEXT
+    return manifest.texts.parity or PARITY_TEXT
+
+
 # -- PyTorch's side ----------------------------------------------------------------
 
 def fp32_floor(model, ids: np.ndarray) -> float:
@@ -137,13 +143,13 @@ def path_logits(model, prompt: np.ndarray, tokens: list[int]) -> np.ndarray:
     """PyTorch's logits ``[len(tokens), V]`` on a runner's greedy path, computed as the
     runner does (prefill the prompt, then one recurrent step per token): row ``s`` is
     what PyTorch predicts for token ``s`` given the same history."""
-    from .parity import BLOCK, _torch_step
+    from .parity import BLOCK, torch_step
     state, rows = None, []
     for i in range(0, len(prompt), BLOCK):
-        lg, state = _torch_step(model, prompt[i:i + BLOCK], state)
+        lg, state = torch_step(model, prompt[i:i + BLOCK], state)
     rows.append(lg[-1])
     for t in tokens[:-1]:
-        lg, state = _torch_step(model, np.array([t], np.int64), state)
+        lg, state = torch_step(model, np.array([t], np.int64), state)
         rows.append(lg[-1])
     return np.stack(rows)
 
@@ -162,11 +168,7 @@ def python_tier(folder: Path, entry: dict, manifest: dict, model, ref, threads: 
         except ImportError as e:
             raise _Skip(f"executorch is not installed ({e.name})") from None
         runner = PteRunner(folder / entry["path"], entry, threads)
-    f = measure(model, runner, ref.ids, ref=ref)
-    return {"prefill_rel_err": f["max_rel_err"], "decode_rel_err": f["decode_max_rel_err"],
-            "max_rel_err": max(f["max_rel_err"], f["decode_max_rel_err"]), "top1": f["top1_agreement"],
-            "ppl": f["ppl"], "ppl_torch": f["ppl_torch"], "greedy": f["greedy_identical"],
-            "greedy_of": f["greedy_tokens"], "tokens": f["tokens"]}
+    return measure(model, runner, ref.ids, ref=ref)
 
 
 class _Skip(Exception):
@@ -196,59 +198,36 @@ def native_tier(tier: str, folder: Path, entry: dict, model, ref, threads: int) 
 
 
 def native_figures(model, ref, tokens: list[int], logits: dict[int, np.ndarray], who: str) -> dict:
-    """Figures of a native run of ``ref.ids`` + greedy ``tokens`` (``logits[0]``: every
-    prompt position; ``logits[s]``: the decode call that chose ``tokens[s]``)."""
-    from .parity import _nll
+    """Figures (``parity.compare``) of a native run of ``ref.ids`` + greedy ``tokens``
+    (``logits[0]``: every prompt position; ``logits[s]``: the decode call that chose
+    ``tokens[s]``), PyTorch seeing the runner's own tokens teacher-forced."""
+    from .parity import compare
     ids = ref.ids
     pre = np.asarray(logits.get(0, np.zeros(0)), np.float32)
     if not tokens or pre.ndim != 2 or pre.shape[0] != len(ids):
         raise DiJiangError(f"the {who} returned {len(tokens)} tokens and prefill logits of shape "
                            f"{list(pre.shape)}; expected logits for all {len(ids)} prompt positions")
-    want = np.concatenate(ref.blocks)
     path = path_logits(model, ids, tokens)              # PyTorch on the runner's own tokens
     steps = [s for s in sorted(logits) if 0 < s < len(tokens)]
-    got_d = np.stack([np.asarray(logits[s], np.float32).reshape(-1) for s in steps]) if steps else None
-    rel = lambda g, w: float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30))   # noqa: E731
-    same = next((i for i, t in enumerate(tokens) if t != int(path[i].argmax())), len(tokens))
-    m = len(ids) - 1
-    return {"prefill_rel_err": rel(pre, want), "decode_rel_err": rel(got_d, path[steps]) if steps else 0.0,
-            "max_rel_err": max(rel(pre, want), rel(got_d, path[steps]) if steps else 0.0),
-            "top1": float((pre.argmax(-1) == want.argmax(-1)).mean()),
-            "ppl": math.exp(_nll(pre[:m], ids[1:]) / m), "ppl_torch": math.exp(_nll(want[:m], ids[1:]) / m),
-            "greedy": same, "greedy_of": len(ref.greedy), "tokens": len(ids)}
+    got_d = np.stack([np.asarray(logits[s], np.float32).reshape(-1) for s in steps]) if steps \
+        else np.zeros((0, path.shape[1]), np.float32)
+    fig = compare(pre, ref.logits, ids[1:], decode=(got_d, path[steps]),
+                  greedy=(tokens, [int(t) for t in path.argmax(-1)]))
+    return fig | {"greedy_tokens": len(ref.greedy)}
 
 
 # -- verdicts ------------------------------------------------------------------------
 
 def judge(row: Row, floor: float | None) -> None:
-    """PASS/FAIL against ``BARS``; ``floor``: PyTorch's float32-vs-float64 error."""
-    f, bar = row.fig, BARS["fp32_max_rel_err"]
-    fails = []
-    if row.quant == "fp32":
-        prefill_bar = max(bar, floor or 0.0)
-        err = f.get("prefill_rel_err", f["max_rel_err"])
-        if err > prefill_bar:
-            fails.append(f"rel err {err:.1e} > {prefill_bar:.0e}")
-        if f.get("decode_rel_err", 0.0) > bar:
-            fails.append(f"decode rel err {f['decode_rel_err']:.1e} > {bar:.0e}")
-        if f["greedy"] < f["greedy_of"]:
-            fails.append(f"greedy differs from token {f['greedy']}")
-        if floor and floor > bar and err > bar and not fails:
-            row.note = f"rel err bar = PyTorch fp32-vs-fp64 error {floor:.1e} (ill-conditioned model)"
-    else:
-        if f["top1"] < BARS["int8_top1_agreement"]:
-            fails.append(f"top-1 {100 * f['top1']:.1f}% < {100 * BARS['int8_top1_agreement']:.0f}%")
-        if abs(f["ppl"] / f["ppl_torch"] - 1) > BARS["int8_ppl_change"]:
-            fails.append(f"ppl {100 * (f['ppl'] / f['ppl_torch'] - 1):+.1f}% beyond "
-                         f"{100 * BARS['int8_ppl_change']:.0f}%")
-    if fails:
-        row.verdict, row.note = "FAIL", "; ".join(fails)
+    """PASS/FAIL against ``BARS`` (``parity.failures``); ``floor``: PyTorch's float32-vs-float64 error."""
+    from .parity import failures
+    fails, note = failures(row.quant, row.fig, floor)
+    row.verdict, row.note = ("FAIL", "; ".join(fails)) if fails else ("PASS", note)
 
 
 def needs_floor(rows: list[Row]) -> bool:
     bar = BARS["fp32_max_rel_err"]
-    return any(r.quant == "fp32" and r.verdict != "SKIP" and "max_rel_err" in r.fig
-               and r.fig.get("prefill_rel_err", r.fig["max_rel_err"]) > bar for r in rows)
+    return any(r.quant == "fp32" and r.verdict != "SKIP" and r.fig.get("max_rel_err", 0.0) > bar for r in rows)
 
 
 # -- the command ---------------------------------------------------------------------
@@ -258,7 +237,7 @@ def check_folder(folder: str | Path, target: str | None = None, model: str | Non
                  out: TextIO | None = None) -> bool:
     """Check every file (or the target's) of ``folder`` on each tier; print the table.
     Returns True when no row fails (skipped tiers do not fail)."""
-    from .exporters import read_manifest
+    from .manifest import read as read_manifest
     from .parity import Reference, text_ids
     from .tokenizer import load_tokenizer
     out = out or sys.stdout
@@ -272,7 +251,9 @@ def check_folder(folder: str | Path, target: str | None = None, model: str | Non
     if threads > 0:
         torch.set_num_threads(threads)
     tok = load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-    ids, text = text_ids(tok, ref_model.args.vocab_size, max(tokens or DEFAULT_TOKENS, PROMPT + DECODE + 1))
+    name = parity_text(manifest)
+    ids, enc = text_ids(tok, ref_model.args.vocab_size, max(tokens or DEFAULT_TOKENS, PROMPT + DECODE + 1), name)
+    text = f"{name}, {enc}"
     ref = Reference(ref_model, ids, prompt=PROMPT, decode=DECODE, greedy=GREEDY)
     print(f"checking {folder} against {src} on {len(ids)} tokens of English text ({text})"
           + (f", target {prof['name']} ({prof['arch']})" if prof else ""), file=out, flush=True)
@@ -314,19 +295,24 @@ def summary(rows: list[Row], src: str, out: TextIO) -> bool:
           f"{BARS['fp32_max_rel_err']:.0e} and greedy identical; int8 top-1 >= "
           f"{100 * BARS['int8_top1_agreement']:.0f}%, perplexity within {100 * BARS['int8_ppl_change']:.0f}%)",
           file=out)
-    if any(r.quant == "fp32" and r.fig.get("max_rel_err", 0) > 1e-2 for r in rows):
+    if any(r.quant == "fp32" and _max_err(r.fig) > 1e-2 for r in rows):
         print(f"note: fp32 files are far from {src}: if the folder was exported from another model "
               f"(an adapted checkpoint), pass it as --model", file=out)
     return n["FAIL"] == 0
 
 
+def _max_err(fig: dict) -> float:
+    """The table's error: the larger of prefill and decode."""
+    return max(fig.get("max_rel_err", 0.0), fig.get("decode_max_rel_err", 0.0))
+
+
 def _fmt(r: Row) -> list[str]:
     f = r.fig
-    ppl = f"{100 * (f['ppl'] / f['ppl_torch'] - 1):+.2f}%" if "ppl" in f else "-"
     return [r.file, r.format, r.quant, TIERS[r.tier],
-            f"{f['max_rel_err']:.1e}" if "max_rel_err" in f else "-",
-            f"{100 * f['top1']:.1f}%" if "top1" in f else "-", ppl,
-            f"{f['greedy']}/{f['greedy_of']}" if "greedy" in f else "-", r.verdict, r.note]
+            f"{_max_err(f):.1e}" if "max_rel_err" in f else "-",
+            f"{100 * f['top1_agreement']:.1f}%" if "top1_agreement" in f else "-",
+            f"{100 * f['ppl_change']:+.2f}%" if "ppl_change" in f else "-",
+            f"{f['greedy_identical']}/{f['greedy_tokens']}" if "greedy_tokens" in f else "-", r.verdict, r.note]
 
 
 def print_table(rows: list[Row], out: TextIO) -> None:

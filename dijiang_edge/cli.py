@@ -105,6 +105,7 @@ def cmd_export(a: argparse.Namespace) -> None:
         opts["max_context_len"] = a.max_context
     if a.parity_tokens is not None:
         opts["parity_tokens"] = a.parity_tokens
+    opts.update({k: v for k, v in (("parity_text", a.parity_text), ("calibration_text", a.calibration_text)) if v})
     target = None
     if prof:
         target = prof.to_manifest() | {"formats": formats, "quant": quants}
@@ -220,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = runtime default)")
-    p.add_argument("--format", default=None, help="for export folders: onnx or pte (default: the first file)")
-    p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (default: the first file)")
+    p.add_argument("--format", default=None, help="for export folders: onnx or pte (needed where it has both)")
+    p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (needed where it has both)")
     _add_convert_options(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -239,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-tokens", type=int, default=None,
                    help="tokens of English text each file is checked on at export (0 = skip; "
                         "default: 2048 for onnx, 512 for pte)")
+    p.add_argument("--parity-text", default=None, help="English text of the parity checks: shakespeare "
+                   "(default), pydoc, or a text file; recorded in manifest.json")
+    p.add_argument("--calibration-text", default=None, help="English text the int8 .pte is calibrated on: "
+                   "pydoc (default), shakespeare, or a text file; must differ from --parity-text")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--qlinear", choices=["8da8w", "8da4w"], default=None,
                    help="pte: also write a file with linears quantized so (8-bit dynamic activations + "

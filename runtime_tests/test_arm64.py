@@ -2,7 +2,7 @@
 ``DIJIANG_QEMU_CPU`` picks another core): the C++
 runner cross-built for aarch64 on the ``.pte`` files and onnxruntime's aarch64 wheel on
 the ONNX files, against PyTorch. fp32: logits to 1e-4 relative and identical greedy
-tokens; int8: the agreement bars of the x86 tier (top-1 >= 0.95, perplexity within 5%).
+tokens; int8: the agreement bars of the x86 tier (``parity.failures``: top-1, perplexity).
 
 Needs ``bash scripts/setup_arm64.sh`` (scripts/setup.sh runs it, so CI has the tools);
 skipped with the reason where the tools are missing. A tiny model and few tokens keep
@@ -16,11 +16,14 @@ import pytest
 pytest.importorskip("executorch.runtime")
 pytest.importorskip("onnxruntime")
 
+from dijiang_edge.bars import BARS  # noqa: E402
 from dijiang_edge.exporters import read_manifest  # noqa: E402
-from dijiang_edge.runtime import native, pick_entry  # noqa: E402
+from dijiang_edge.runtime import native  # noqa: E402
+from dijiang_edge.manifest import select  # noqa: E402
+from dijiang_edge.parity import failures  # noqa: E402
 from native_models import MAX_SEQ, agreement, rel, text_prompt, tiny_export, torch_greedy  # noqa: E402
 
-BAR_FP32 = 1e-4
+BAR_FP32 = BARS["fp32_max_rel_err"]
 WHY = native.missing_tools("aarch64")
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"ARM64 tier: {WHY}")
 NEW = 12                        # greedy tokens per run: prefill + 11 decode calls
@@ -33,7 +36,7 @@ def tiny(tmp_path_factory):
 
 
 def _run(folder, fmt, quant, prompt, new, **kw):
-    entry = pick_entry(read_manifest(folder), fmt, quant)
+    entry = select(read_manifest(folder), fmt, quant)
     if fmt == "pte":
         return native.run_pte(folder / entry["path"], prompt, new, "aarch64", **kw)
     return native.run_onnx_arm64(folder, entry, prompt, new, **kw)
@@ -62,7 +65,7 @@ def test_int8_on_arm64_meets_the_x86_bars(tiny, fmt):
     got = _run(folder, fmt, "int8", ids, 1, logits_steps=(0,), prefill_logits=True).logits[0]
     fig = agreement(got, want, ids)
     print(f"\naarch64 {fmt} int8 vs PyTorch over {len(ids)} tokens: {fig}")
-    assert fig["top1_agreement"] >= 0.95 and abs(fig["ppl"] / fig["ppl_torch"] - 1) <= 0.05, fig
+    assert failures("int8", fig) == ([], ""), fig
 
 
 def test_int8_pte_greedy_equals_x86(tiny):
@@ -72,7 +75,7 @@ def test_int8_pte_greedy_equals_x86(tiny):
     if native.missing_tools("x86_64"):
         pytest.skip(native.missing_tools("x86_64"))
     prompt = text_prompt(model, 20)
-    pte = folder / pick_entry(read_manifest(folder), "pte", "int8")["path"]
+    pte = folder / select(read_manifest(folder), "pte", "int8")["path"]
     arm = native.run_pte(pte, prompt, NEW, "aarch64", logits_steps=(0,))
     x86 = native.run_pte(pte, prompt, NEW, "x86_64", logits_steps=(0,))
     print(f"\nint8 .pte prefill logits aarch64 vs x86_64: rel diff {rel(arm.logits[0], x86.logits[0]):.2e}")
@@ -82,7 +85,7 @@ def test_int8_pte_greedy_equals_x86(tiny):
 @pytest.mark.slow
 def test_arm64_instruction_count_is_stable(tiny):
     folder, _ = tiny
-    pte = folder / pick_entry(read_manifest(folder), "pte", "fp32")["path"]
+    pte = folder / select(read_manifest(folder), "pte", "fp32")["path"]
     a = native.instructions_per_token(pte, "aarch64", prompt_len=4, new_tokens=3)
     b = native.instructions_per_token(pte, "aarch64", prompt_len=4, new_tokens=3)
     assert a["method"] == "qemu-trace" and a["decode_instructions_per_token"] > 0
@@ -94,7 +97,7 @@ def test_arm64_instruction_count(tiny):
     """The cost figure bench-native reports: the decode span is found in the trace, and
     a decode call (1 token) costs less than a prefill of 16."""
     folder, _ = tiny
-    pte = folder / pick_entry(read_manifest(folder), "pte", "fp32")["path"]
+    pte = folder / select(read_manifest(folder), "pte", "fp32")["path"]
     c = native.instructions_per_token(pte, "aarch64", prompt_len=16, new_tokens=2)
     assert c["method"] == "qemu-trace" and 0 < c["decode_instructions_per_token"] < c["prefill_instructions"], c
 

@@ -63,7 +63,7 @@ def test_onnx_baseline_equals_hf(tiny_src, baseline_dir):
     fp32 = next(f for f in m["files"] if f["quant"] == "fp32")
     names = [p["name"] for p in fp32["inputs"]["past_key_values"]]
     assert names[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
-    assert fp32["parity"]["max_rel_err"] < 1e-4 and fp32["parity"]["greedy_agreement"] == 1.0
+    assert fp32["parity"]["max_rel_err"] < 1e-4 and fp32["parity"]["top1_agreement"] == 1.0
     hf = tiny_hf("smollm2")
     ids = torch.randint(3, 97, (1, 600), generator=torch.Generator().manual_seed(2))
     r = open_export(baseline_dir, "onnx", "fp32", threads=1)
@@ -136,7 +136,7 @@ def test_pte_baseline_equals_hf_and_benches(tiny_src, tmp_path, capfd):
     export_baseline(str(tiny_src), sm, ["pte"], ["fp32"], parity_tokens=150, max_context_len=512)
     e = read_manifest(sm)["files"][0]
     assert e["attention"] == "softmax" and e["parity"]["max_rel_err"] < 1e-4
-    assert e["parity"]["greedy_agreement"] == 1.0
+    assert e["parity"]["top1_agreement"] == 1.0 and e["parity"]["decode_top1_agreement"] == 1.0
     assert main(["bench", str(dj), "--baseline", str(sm), "--out", str(tmp_path / "r"), "--lengths", "16,200",
                  "--threads", "1", "--tokens", "4", "--bandwidth-mib", "64"]) == 0
     data = json.loads((tmp_path / "r" / "bench.json").read_text())

@@ -18,13 +18,14 @@ pytest.importorskip("executorch.runtime")
 
 from dijiang_edge.cli import main  # noqa: E402
 from dijiang_edge.errors import DiJiangError  # noqa: E402
+from dijiang_edge.bars import BARS  # noqa: E402
 from dijiang_edge.exporters import read_manifest  # noqa: E402
-from dijiang_edge.runtime import pick_entry  # noqa: E402
+from dijiang_edge.manifest import select  # noqa: E402
 from dijiang_edge.runtime import native  # noqa: E402
 from dijiang_edge.runtime.executorch import PteRunner  # noqa: E402
 from native_models import MAX_SEQ, rel, text_prompt, tiny_export, torch_greedy  # noqa: E402
 
-BAR_FP32 = 1e-4
+BAR_FP32 = BARS["fp32_max_rel_err"]
 WHY = native.missing_tools("x86_64")
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"native x86_64 runner: {WHY}")
 
@@ -35,7 +36,7 @@ def tiny(tmp_path_factory):
 
 
 def _pte(folder, quant):
-    return folder / pick_entry(read_manifest(folder), "pte", quant)["path"]
+    return folder / select(read_manifest(folder), "pte", quant)["path"]
 
 
 def _python_greedy(path, prompt, n):

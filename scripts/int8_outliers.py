@@ -16,7 +16,7 @@ import torch
 from dijiang_edge.conversion import convert
 from dijiang_edge.exporters.executorch import calibration_ids, quantize
 from dijiang_edge.exporters.outliers import ALPHA, input_absmax, prepare_for_int8, smooth
-from dijiang_edge.parity import _nll, text_ids
+from dijiang_edge.parity import perplexity, text_ids
 from dijiang_edge.tokenizer import load_tokenizer
 
 
@@ -37,14 +37,14 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = convert(a.model).eval()
-    ids, _ = text_ids(load_tokenizer(a.model), model.args.vocab_size, a.tokens)
-    calib = calibration_ids(model, Path(a.model))
+    ids, _ = text_ids(load_tokenizer(a.model), model.args.vocab_size, a.tokens, "shakespeare")
+    calib = calibration_ids(model, Path(a.model), "pydoc")
     ref = logits(model, model, ids)
     smoothed = copy.deepcopy(model)
     if smoothed.args.tie_embeddings:
         smoothed.lm_head.weight = torch.nn.Parameter(smoothed.embed.weight.detach().clone())
     smooth(smoothed, input_absmax(smoothed, calib), a.alpha)
-    ppl = lambda lg: float(np.exp(_nll(lg[:-1], ids[1:]) / (len(ids) - 1)))
+    ppl = lambda lg: perplexity(lg[:-1], ids[1:])
     print(f"fp32 perplexity {ppl(ref):.2f}")
     for name, m in [("plain", model), ("smoothed", smoothed), ("smoothed+rotated", prepare_for_int8(model, calib, a.alpha))]:
         got = logits(quantize(m, "8da8w", "8w"), model, ids)

@@ -110,3 +110,22 @@ def test_official_import_runs_past_its_tables_and_overflow_length(official_check
     ids = torch.randint(3, 97, (1, 6000), generator=torch.Generator().manual_seed(1))
     logits, state = model(ids)             # official gamma^-n tables give NaN past ~5k
     assert torch.isfinite(logits).all() and all(torch.isfinite(s).all() for s in state.layers)
+
+
+def test_int8_onnx_keeps_every_layers_projection_in_float(official_checkpoint, tmp_path):
+    """Defect 2: only layer 0's projection P was kept out of int8; an imported official
+    checkpoint has one per layer, and each must stay an fp32 MatMul weight."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from dijiang_edge.exporters import onnx as onnx_exp
+    _, _, folder = official_checkpoint
+    model = dijiang_edge.convert(str(folder))
+    projs = [layer.attn.proj.numpy() for layer in model.layers]
+    assert not np.array_equal(projs[0], projs[1])                       # one P per layer
+    onnx_exp.export(model, tmp_path, "int8", kinds=("step",), parity_tokens=0)
+    g = onnx.load(tmp_path / "onnx" / "decode_int8.onnx")
+    weights = {t.name: numpy_helper.to_array(t, base_dir=str(tmp_path / "onnx")) for t in g.graph.initializer}
+    float_matmul = [weights[n.input[1]] for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    for i, p in enumerate(projs):
+        assert any(w.dtype == np.float32 and np.array_equal(w, p) for w in float_matmul), f"layer {i}"

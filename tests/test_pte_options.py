@@ -80,3 +80,15 @@ def test_cli_qlinear_adds_a_pte_quantization(monkeypatch):
                                    "--quant", "fp32", "--qlinear", "8da4w", "--qembedding", "8w"])
     cmd_export(a)
     assert seen == {"formats": ["pte"], "quants": ["fp32", "8da4w+emb8w"]}
+
+
+def test_op_names_in_the_manifest_carry_no_address():
+    """A .pte entry lists its portable ops; a Python function target's repr has its memory
+    address, which made two exports' manifests differ (``op_name`` gives bare names)."""
+    from dijiang_edge.exporters.executorch import op_name
+
+    def view(x):
+        return x
+    assert " at 0x" in repr(view)
+    assert op_name(view) == "view"
+    assert op_name(torch.ops.aten.cumsum.out) == "cumsum" and op_name(torch.ops.aten.add.Tensor) == "add"

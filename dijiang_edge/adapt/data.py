@@ -15,9 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import DiJiangError
-from ..text import read_text, sample_text
-
-BUILTIN = ("shakespeare", "pydoc")
+from ..text import CORPORA, read_text, sample_text
 
 
 def load_corpus(paths: Sequence[str | Path], max_chars: int) -> str:
@@ -26,7 +24,7 @@ def load_corpus(paths: Sequence[str | Path], max_chars: int) -> str:
         raise DiJiangError("no training text: give --data with one or more text files or folders")
     parts = []
     for p in paths:
-        if str(p) in BUILTIN and not Path(p).exists():
+        if str(p) in CORPORA and not Path(p).exists():
             parts.append(sample_text(str(p), max_chars=max_chars))
         else:
             parts.append(read_text(Path(p).expanduser()))

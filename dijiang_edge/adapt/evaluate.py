@@ -7,8 +7,8 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..parity import nll_sum
 from .objectives import layer_attention
 from .teacher import AttentionTap
 
@@ -19,12 +19,12 @@ def _my_blocks(blocks: torch.Tensor, acc) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch: int, acc) -> float:
-    """exp(mean next-token NLL) over every held-out block."""
+    """exp(mean next-token NLL) over every held-out block (``parity.nll_sum``, the NLL of
+    the export-time perplexities too)."""
     sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for chunk in _my_blocks(blocks, acc).split(batch):
         chunk = chunk.to(acc.device)
-        lp = F.log_softmax(logits_of(chunk)[:, :-1].float(), -1)
-        sums[0] += F.nll_loss(lp.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").double()
+        sums[0] += nll_sum(logits_of(chunk)[:, :-1], chunk[:, 1:])
         sums[1] += chunk[:, 1:].numel()
     sums = acc.reduce(sums, "sum")
     return math.exp(float(sums[0] / sums[1]))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import DiJiangError
+from ..manifest import read as read_manifest, select
 from . import machine as M
 from .measure import WARMUP_TOKENS, in_subprocess, progress
 
@@ -26,19 +27,12 @@ THREADS = [1, 2]
 
 
 def runnable(folder: str | Path, formats: list[str] | None, quants: list[str] | None) -> list[dict]:
-    """The file a runner uses for each format and quantization of ``folder`` (its default)."""
-    from ..exporters import read_manifest
+    """The file a runner uses for each format and quantization of ``folder`` (``manifest.select``)."""
     manifest = read_manifest(folder)
-    picked: dict[tuple[str, str], dict] = {}
-    for f in manifest.get("files", []):
-        k = (f["format"], f["quant"])
-        if (formats and k[0] not in formats) or (quants and k[1] not in quants):
-            continue
-        if f["format"] == "onnx" and f.get("role") not in ("both", "prefill"):
-            continue                                   # decode-only graphs run beside a prefill one
-        if k not in picked or (f.get("default") and not picked[k].get("default")):
-            picked[k] = f
-    return [{"folder": str(folder), "entry": e, "manifest": manifest} for e in picked.values()]
+    keys = dict.fromkeys((f.format, f.quant) for f in manifest.files
+                         if (not formats or f.format in formats) and (not quants or f.quant in quants))
+    return [{"folder": str(folder), "entry": select(manifest, fmt, q, role="prefill"), "manifest": manifest}
+            for fmt, q in keys]
 
 
 def cache_bytes(manifest: dict, entry: dict, lengths: list[int]) -> dict[str, int]:

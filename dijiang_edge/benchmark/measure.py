@@ -47,7 +47,7 @@ def progress(msg: str) -> None:
 def measure(folder: str, path: str, threads: int, lengths: list[int], tokens: int,
             label: str = "") -> dict:
     """Prefill to each of ``lengths`` in turn, timing prefill and ``tokens`` decode calls there."""
-    from ..exporters import read_manifest
+    from ..manifest import read as read_manifest
     from ..runtime import median_decode_ms, open_entry
     manifest = read_manifest(folder)
     entry = next((f for f in manifest["files"] if f["path"] == path), None)

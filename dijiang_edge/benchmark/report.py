@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..bars import BARS
+
 MB = 1e6
 
 
@@ -94,16 +96,17 @@ def checks(data: dict) -> list[str]:
     for d, s in pairs(data):
         ms = _ms(d)
         tag = f"{d['format']} {d['quant']} {d['threads']} thr"
-        flat = ms[hi] / ms[lo]
+        flat, up, fl = ms[hi] / ms[lo], BARS["speedup_vs_softmax"], BARS["floor_ratio"]
         out.append(f"- {tag}: DiJiang decode @{hi} / @{lo} = {flat:.2f} "
-                   f"({'within' if abs(flat - 1) <= 0.15 else 'NOT within'} 15%)")
+                   f"({'within' if abs(flat - 1) <= BARS['decode_flat'] else 'NOT within'} "
+                   f"{100 * BARS['decode_flat']:.0f}%)")
         if s and mid:
             sm = _ms(s)
             out.append(f"- {tag}: speed-up vs softmax @{mid} = {sm[mid] / ms[mid]:.2f}x "
-                       f"({'meets' if sm[mid] / ms[mid] >= 3 else 'misses'} 3x); @{lo} = {sm[lo] / ms[lo]:.2f}x "
+                       f"({'meets' if sm[mid] / ms[mid] >= up else 'misses'} {up:g}x); @{lo} = {sm[lo] / ms[lo]:.2f}x "
                        f"({'not slower' if sm[lo] >= ms[lo] else 'slower'} than softmax)")
         out.append(f"- {tag}: decode @{lo} = {ms[lo] / d['floor_ms']:.2f}x the bandwidth floor "
-                   f"({'within' if ms[lo] <= 2 * d['floor_ms'] else 'NOT within'} 2x)")
+                   f"({'within' if ms[lo] <= fl * d['floor_ms'] else 'NOT within'} {fl:g}x)")
     return out
 
 

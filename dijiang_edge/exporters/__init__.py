@@ -1,25 +1,29 @@
 """Export targets, one module each (``onnx.py``, ``executorch.py``), and what they
-share: the output folder that appears only when complete, the tokenizer, the manifest.
+share: the output folder that appears only when complete, the tokenizer, the texts,
+the results several quantizations of one model reuse (``Memo``).
 
-An exporter is ``export(model, out_dir, quant, **opts) -> list[dict]``: it writes its
-files into ``out_dir`` and returns one manifest entry per file (``format``, ``quant``,
-``path``, ``role``, state names/shapes, ``parity`` figures measured at export time).
+An exporter is ``export(model, out_dir, quant, **opts) -> list[manifest.FileEntry]``:
+it writes its files into ``out_dir`` and returns one entry per file (``format``,
+``quant``, ``path``, ``role``, state names/shapes, ``parity`` figures measured at
+export time).  An option it does not know is an error, not silently dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import inspect
 import os
 import shutil
-import time
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .. import manifest as M
 from ..errors import DiJiangError
+from ..manifest import read as read_manifest  # noqa: F401  (the exporters' readers: one function)
 
-MANIFEST = "manifest.json"
+MANIFEST = M.NAME
+PARITY_TEXT, CALIBRATION_TEXT = "shakespeare", "pydoc"
 FORMATS = {"onnx": "onnx", "pte": "executorch"}     # --formats name -> module
 
 
@@ -46,7 +50,48 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     tmp.rename(out)
 
 
-def exporter(fmt: str) -> Callable[..., list[dict]]:
+class Memo:
+    """Results the calls of one export share for one model (traced graphs, the PyTorch
+    reference): computed once per key.  Made per ``export`` call, never process-wide,
+    so no later model can be handed an earlier model's results."""
+
+    def __init__(self, model: Any):
+        self.model, self._values = model, {}
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if key not in self._values:
+            self._values[key] = make()
+        return self._values[key]
+
+
+def memo_for(model: Any, memo: Memo | None) -> Memo:
+    """``memo`` when it is ``model``'s, else a fresh one (a direct exporter call)."""
+    if memo is not None and memo.model is not model:
+        raise DiJiangError("internal error: an export memo was passed with another model; please report it")
+    return memo or Memo(model)
+
+
+def check_texts(parity_text: str, calibration_text: str | None) -> None:
+    """Calibration and parity on one text would flatter the file: refused."""
+    if calibration_text is not None and calibration_text == parity_text:
+        raise DiJiangError(f"the parity text and the calibration text are both {parity_text!r}; choose "
+                           f"two different texts (--parity-text, --calibration-text)")
+
+
+def route_options(exporters: dict[str, Callable], opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each exporter's share of ``opts`` (the keyword options its ``export`` declares);
+    an option no chosen exporter declares is refused, so a misspelling is not dropped."""
+    takes = {f: set(inspect.signature(fn).parameters) - {"model", "lm", "out_dir", "quant"}
+             for f, fn in exporters.items()}
+    unknown = sorted(set(opts) - set().union(*takes.values()))
+    if unknown:
+        have = "; ".join(f"{f}: {', '.join(sorted(t))}" for f, t in takes.items())
+        raise DiJiangError(f"unknown export option(s) {', '.join(unknown)} for format(s) "
+                           f"{', '.join(exporters)} (options: {have})")
+    return {f: {k: v for k, v in opts.items() if k in takes[f]} for f in exporters}
+
+
+def exporter(fmt: str) -> Callable[..., list[M.FileEntry]]:
     if fmt not in FORMATS:
         raise DiJiangError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     try:
@@ -55,16 +100,6 @@ def exporter(fmt: str) -> Callable[..., list[dict]]:
         raise DiJiangError(f"the {fmt} exporter needs a package that is missing ({e.name}); "
                            f"install it with `pip install 'dijiang-edge[{FORMATS[fmt]}]'`") from None
     return mod.export
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    p = Path(folder) / MANIFEST
-    if not p.exists():
-        raise DiJiangError(f"{folder} is not an export folder (no {MANIFEST}); make one with `dijiang-export export`")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DiJiangError(f"{p} is not valid JSON ({e}); re-export the folder") from None
 
 
 def tokenizer_source(model_src: str | Path, model) -> str | Path:
@@ -83,36 +118,36 @@ def _model_path(model_src: str | Path) -> str:
 
 def export(model_src: str, out: str | Path, formats: list[str], quants: list[str],
            force: bool = False, convert_options: dict | None = None, target: dict | None = None,
-           **opts: Any) -> dict[str, Any]:
+           parity_text: str = PARITY_TEXT, calibration_text: str = CALIBRATION_TEXT,
+           **opts: Any) -> M.Manifest:
     """Convert ``model_src`` and export it in each format and quantization into ``out``.
 
-    ``target``: the device profile the files are for (``profiles.Profile.to_manifest``),
-    recorded in the manifest. Returns the manifest (also written to ``out/manifest.json``).
+    ``target``: the device profile the files are for (``profiles.Profile.to_manifest``);
+    ``parity_text``/``calibration_text``: the English texts of the parity figures and of
+    the int8 calibration (names of ``text.CORPORA`` or text files), both recorded in the
+    manifest.  Returns the manifest (also written to ``out/manifest.json``).
     """
     from ..conversion import convert
     from ..tokenizer import save_tokenizer
     exporters = {f: exporter(f) for f in formats}          # fail fast on a missing runtime
+    if "pte" in exporters and any(import_module(".executorch", __name__).parse_quant(q)[0] for q in quants):
+        check_texts(parity_text, calibration_text)         # int8 .pte files calibrate: before any work
+    routed = route_options(exporters, {**opts, "parity_text": parity_text, "calibration_text": calibration_text})
     model = convert(model_src, **(convert_options or {}))
+    memo = Memo(model)
     with staged_dir(out, force) as tmp:
         save_tokenizer(tokenizer_source(model_src, model), tmp)
-        files: list[dict] = []
+        files: list[M.FileEntry] = []
         for fmt, fn in exporters.items():
             for q in quants:
-                files += fn(model, tmp, quant=q, **opts)
-        manifest = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": model.args.source,
-            "exported_from": _model_path(model_src),     # what `check` rebuilds the reference from
-            "dijiang": {k: getattr(model.args, k) for k in
-                        ("variant", "chunk_size", "norm_groups", "pos_table_len", "eps")},
-            "model": {k: getattr(model.args, k) for k in
-                      ("arch", "vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads",
-                       "head_dim", "bos_id", "eos_ids")},
-            "state_shape": list(model.state_shape(1)),
-            "tokenizer": "tokenizer.json",
-            "files": files,
-        }
-        if target:
-            manifest["target"] = target
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                files += fn(model, tmp, quant=q, memo=memo, **routed[fmt])
+        calibrated = any(f.get("int8_outliers") for f in files)
+        manifest = M.Manifest(
+            created=M.now(), source=model.args.source, model=M.ModelFacts.of(model.args), files=files,
+            exported_from=_model_path(model_src),
+            dijiang={k: getattr(model.args, k) for k in M.DIJIANG_SETTINGS},
+            state_shape=list(model.state_shape(1)), tokenizer="tokenizer.json", target=target or None,
+            texts=M.Texts(parity=parity_text if any(f.parity for f in files) else None,
+                          calibration=calibration_text if calibrated else None))
+        M.write(tmp, manifest)
     return manifest

@@ -16,18 +16,19 @@ export) and ``baseline_pte`` (ExecuTorch static cache with its LLM ``custom_sdpa
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .. import manifest as M
 from ..errors import DiJiangError
 
 Tensor = torch.Tensor
 FORMATS = {"onnx": "baseline_onnx", "pte": "baseline_pte"}
 ARCHS = ("llama", "qwen2", "mistral")
+RANDOM_IDS = "random-ids"       # the baseline's parity text: seeded random token ids
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -137,11 +138,11 @@ def source_of(manifest: dict) -> str:
 
 
 def export_baseline(model_src: str, out: str | Path, formats: list[str], quants: list[str],
-                    force: bool = False, parity_tokens: int = 64, **opts: Any) -> dict[str, Any]:
+                    force: bool = False, parity_tokens: int = 64, **opts: Any) -> M.Manifest:
     """Export the softmax KV-cache baseline of ``model_src`` into ``out`` (manifest with
     ``"attention": "softmax"`` files); each file checked against the HF model."""
     from importlib import import_module
-    from . import MANIFEST, staged_dir
+    from . import route_options, staged_dir
     from ..tokenizer import save_tokenizer
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -150,6 +151,7 @@ def export_baseline(model_src: str, out: str | Path, formats: list[str], quants:
         mods = {f: import_module(f".{FORMATS[f]}", __package__) for f in formats}
     except ImportError as e:
         raise DiJiangError(f"the baseline exporter needs {e.name}; `pip install 'dijiang-edge[onnx,executorch]'`") from None
+    routed = route_options({f: m.export for f, m in mods.items()}, {**opts, "parity_tokens": parity_tokens})
     hf, source = load_hf(model_src)
     lm = KVCacheLM(hf)
     with staged_dir(out, force) as tmp:
@@ -157,23 +159,20 @@ def export_baseline(model_src: str, out: str | Path, formats: list[str], quants:
             save_tokenizer(model_src, tmp)
         except DiJiangError:
             pass                                   # the baseline runs on ids; a tokenizer is a convenience
-        files: list[dict] = []
+        files: list[M.FileEntry] = []
         for f, mod in mods.items():
             for q in quants:
-                files += mod.export(lm, tmp, quant=q, parity_tokens=parity_tokens, **opts)
+                files += mod.export(lm, tmp, quant=q, **routed[f])
         cfg = hf.config
-        manifest = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": source, "attention": "softmax",
-            "model": {"arch": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-                      "n_layers": lm.n_layers, "n_heads": lm.n_heads, "n_kv_heads": lm.n_kv,
-                      "head_dim": lm.head_dim, "bos_id": cfg.bos_token_id,
-                      "eos_ids": [e for e in ([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int)
-                                              else cfg.eos_token_id or [])]},
-            "kv_shape_per_layer": [1, lm.n_kv, "context", lm.head_dim],
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        eos = cfg.eos_token_id
+        manifest = M.Manifest(
+            created=M.now(), source=source, files=files,
+            model=M.ModelFacts(arch=cfg.model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                               n_layers=lm.n_layers, n_heads=lm.n_heads, n_kv_heads=lm.n_kv, head_dim=lm.head_dim,
+                               bos_id=cfg.bos_token_id, eos_ids=[eos] if isinstance(eos, int) else list(eos or [])),
+            texts=M.Texts(parity=RANDOM_IDS if any(f.parity for f in files) else None),
+            extras={"attention": "softmax", "kv_shape_per_layer": [1, lm.n_kv, "context", lm.head_dim]})
+        M.write(tmp, manifest)
     return manifest
 
 
@@ -183,17 +182,15 @@ def hf_logits(hf: nn.Module, ids: Tensor) -> Tensor:
         return hf(input_ids=ids, use_cache=False).logits
 
 
-def parity(hf: nn.Module, runner, tokens: int, vocab: int, seed: int = 0) -> dict[str, float]:
-    """Prefill ``tokens`` then decode 4 through ``runner``; max relative error vs HF and
-    greedy agreement (random ids: the baseline's contract is the model's function)."""
+def parity(hf: nn.Module, runner, tokens: int, vocab: int, seed: int = 0) -> dict[str, Any]:
+    """Prefill ``tokens`` then decode 4 through ``runner``: ``parity.compare`` against the
+    HF model's logits (random ids: the baseline's contract is the model's function)."""
     import numpy as np
+    from ..parity import compare
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (1, tokens + 4), generator=g)
     ref = hf_logits(hf, ids)[0].numpy()
     runner.reset()
     pre = runner.forward(ids[:, :tokens].numpy())[0]
-    dec = [runner.forward(ids[:, tokens + i:tokens + i + 1].numpy())[0] for i in range(4)]
-    got = np.concatenate([pre, *dec])
-    err = float(np.abs(got - ref).max() / np.abs(ref).max())
-    return {"tokens": tokens + 4, "max_rel_err": err,
-            "greedy_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+    dec = np.concatenate([runner.forward(ids[:, tokens + i:tokens + i + 1].numpy())[0] for i in range(4)])
+    return {"text": RANDOM_IDS, **compare(pre, ref[:tokens], decode=(dec, ref[tokens:]))}

@@ -14,10 +14,10 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from .. import manifest as M
 from ..errors import DiJiangError
 from . import onnx_files
 from .onnx import progress
@@ -65,10 +65,9 @@ def io_spec(lm) -> tuple[dict, dict]:
              "present": [kv(n, "total") for n in outs[1:]]})
 
 
-def export(lm, out_dir: str | Path, quant: str = "fp32", parity_tokens: int = 64, threads: int = 0,
-           **_: Any) -> list[dict]:
+def export(lm, out_dir: str | Path, quant: str = "fp32", parity_tokens: int = 64,
+           threads: int = 0) -> list[M.FileEntry]:
     """Write ``onnx/softmax[_q].onnx`` (+ its weights file); return its manifest entry."""
-    from ..runtime.onnx import sha256
     onnx_files.check_quant(quant)
     out = Path(out_dir)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
@@ -81,13 +80,12 @@ def export(lm, out_dir: str | Path, quant: str = "fp32", parity_tokens: int = 64
             mp = onnx_files.quantize(mp, quant, lm.hf.config.vocab_size)
     onnx_files.pack({path: mp}, out, data)
     ins, outs = io_spec(lm)
-    e = {"format": "onnx", "quant": quant, "path": path, "role": "both", "attention": "softmax",
-         "graph": "kv_cache", "default": True, "weights": data, "prefill_block": PREFILL_BLOCK,
-         "inputs": ins, "outputs": outs,
-         "checksums": {p: {"bytes": (out / p).stat().st_size, "sha256": sha256(out / p)} for p in (path, data)}}
+    e = M.FileEntry(format="onnx", quant=quant, path=path, role="both", attention="softmax", default=True,
+                    inputs=ins, outputs=outs, checksums=M.checksums(out, [path, data]),
+                    extras={"graph": "kv_cache", "weights": data, "prefill_block": PREFILL_BLOCK})
     if parity_tokens:
         from ..runtime.kv_cache import KvOnnxRunner
         from .baseline import parity
         with progress(f"parity of {path} vs the Hugging Face model"):
-            e["parity"] = parity(lm.hf, KvOnnxRunner(out, e, threads), parity_tokens, lm.hf.config.vocab_size)
+            e.parity = parity(lm.hf, KvOnnxRunner(out, e, threads), parity_tokens, lm.hf.config.vocab_size)
     return [e]

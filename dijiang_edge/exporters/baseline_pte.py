@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import manifest as M
 from ..errors import DiJiangError
 from . import executorch as et
 
@@ -111,27 +112,25 @@ def build(lm, path: Path, quant: str, max_seq_len: int, max_context_len: int) ->
 
 
 def export(lm, out_dir: str | Path, quant: str = "fp32", parity_tokens: int = 64,
-           max_seq_len: int = et.MAX_SEQ_LEN, max_context_len: int = MAX_CONTEXT_LEN, **_: Any) -> list[dict]:
+           max_seq_len: int = et.MAX_SEQ_LEN, max_context_len: int = MAX_CONTEXT_LEN) -> list[M.FileEntry]:
     """Write ``softmax_<quant>.pte``; return its manifest entry (parity vs HF measured)."""
-    from ..runtime.executorch import sha256
     out = Path(out_dir)
     name = f"softmax_{quant.replace('+', '_')}.pte"
     print(f"[pte] lowering the softmax baseline ({quant}) ...", file=sys.stderr, flush=True)
     facts = build(lm, out / name, quant, max_seq_len, max_context_len)
     qlinear, qembedding = et.parse_quant(quant)
-    e = {"format": "pte", "quant": quant, "path": name, "role": "both", "attention": "softmax",
-         "graph": "static_kv_cache", "qlinear": qlinear, "qembedding": qembedding,
-         "max_seq_len": max_seq_len, "max_context_len": max_context_len,
-         "kv_cache": {"shape_per_layer": [1, max_context_len, lm.n_kv, lm.head_dim], "dtype": "float32",
-                      "attention": "llama::custom_sdpa over start_pos + T positions"},
-         "inputs": {"tokens": {"dtype": "int64", "shape": [1, "seq"]},
-                    "start_pos": {"dtype": "int64", "shape": [1]}},
-         "export_seconds": facts["seconds"], "xnnpack": facts["graph"],
-         "checksums": {name: {"bytes": (out / name).stat().st_size, "sha256": sha256(out / name)}}}
+    e = M.FileEntry(
+        format="pte", quant=quant, path=name, role="both", attention="softmax", default=True,
+        inputs={"tokens": {"dtype": "int64", "shape": [1, "seq"]}, "start_pos": {"dtype": "int64", "shape": [1]}},
+        checksums=M.checksums(out, [name]),
+        extras={"graph": "static_kv_cache", "qlinear": qlinear, "qembedding": qembedding,
+                "max_seq_len": max_seq_len, "max_context_len": max_context_len, "xnnpack": facts["graph"],
+                "kv_cache": {"shape_per_layer": [1, max_context_len, lm.n_kv, lm.head_dim], "dtype": "float32",
+                             "attention": "llama::custom_sdpa over start_pos + T positions"}})
     if parity_tokens:
         from ..runtime.kv_cache import open as open_runner
         from .baseline import parity
-        e["parity"] = parity(lm.hf, open_runner(out, e, {}), parity_tokens, lm.hf.config.vocab_size)
-    print(f"[pte] wrote {name} ({e['checksums'][name]['bytes'] / 1e6:.1f} MB) in {facts['seconds']}s",
+        e.parity = parity(lm.hf, open_runner(out, e, None), parity_tokens, lm.hf.config.vocab_size)
+    print(f"[pte] wrote {name} ({e.checksums[name]['bytes'] / 1e6:.1f} MB) in {facts['seconds']}s",
           file=sys.stderr, flush=True)
     return [e]

@@ -287,15 +287,22 @@ def lower(ep: torch.export.ExportedProgram, metadata: dict[str, Any]):
                            f"{type(e).__name__}: {str(e).strip()[:300]}") from e
 
 
-def delegated_fraction(program) -> dict[str, int]:
-    """How many ops of the final graph run in XNNPACK vs the portable kernels."""
+def op_name(target: Any) -> str:
+    """An op's bare name (``cumsum``, ``view``), never its repr: the repr of a Python
+    function carries its memory address, which would make two exports' manifests differ."""
+    schema = getattr(target, "_schema", None)
+    name = schema.name if schema is not None else (getattr(target, "__name__", None)
+                                                    or getattr(target, "_name", None) or type(target).__name__)
+    return str(name).split("::")[-1].split(".")[0]
+
+
+def delegated_fraction(program) -> dict[str, Any]:
+    """How many XNNPACK subgraphs the final graph has, and which ops stay portable."""
     gm = program.exported_program().graph_module
-    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
-    delegate = sum("executorch_call_delegate" in str(n.target) for n in calls)
-    ignore = ("getitem", "alloc", "sym_size", "executorch_call_delegate", "copy_")
-    portable = sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
-                       for n in calls if not any(s in str(n.target) for s in ignore)})
-    return {"xnnpack_subgraphs": delegate, "portable_ops": portable}
+    names = [op_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    ignore = {"getitem", "alloc", "sym_size", "executorch_call_delegate", "copy_"}
+    return {"xnnpack_subgraphs": names.count("executorch_call_delegate"),
+            "portable_ops": sorted(set(names) - ignore)}
 
 
 def initialized_states(program, shape: list[int]) -> int:
@@ -336,51 +343,57 @@ def _tokenizer(out_dir: Path):
     return load_tokenizer(out_dir) if (out_dir / "tokenizer.json").exists() else None
 
 
-def calibration_ids(model: nn.Module, out_dir: Path) -> np.ndarray:
-    """Calibration text for int8 (Python's manual; parity is measured on Shakespeare)."""
+def calibration_ids(model: nn.Module, out_dir: Path, text: str) -> np.ndarray:
+    """Calibration ids for int8 from the English ``text`` (never the parity text)."""
     from ..parity import text_ids
     from .outliers import CALIBRATION_TOKENS
-    return text_ids(_tokenizer(out_dir), model.args.vocab_size, CALIBRATION_TOKENS, "pydoc")[0]
+    return text_ids(_tokenizer(out_dir), model.args.vocab_size, CALIBRATION_TOKENS, text)[0]
 
 
-def check(model: nn.Module, out_dir: Path, entry: dict, tokens: int) -> None:
-    """Run the file with ``executorch.runtime`` against PyTorch on real text (the
-    figures ``dijiang_edge.parity`` measures for every format) into ``entry``."""
-    from ..parity import measure, text_ids
+def check(model: nn.Module, out_dir: Path, entry, tokens: int, text: str, memo=None) -> None:
+    """Run the file with ``executorch.runtime`` against PyTorch on the English ``text``
+    (``parity.measure``, as for every format) into ``entry.parity``; the PyTorch side
+    is computed once per export call (``memo``)."""
+    from ..parity import Reference, measure, text_ids
     from ..runtime.executorch import PteRunner
-    ids, source = text_ids(_tokenizer(out_dir), model.args.vocab_size, tokens)
-    runner = PteRunner(out_dir / entry["path"], entry)
-    entry["parity"] = {"text": source, **measure(model, runner, ids)}
+    from . import memo_for
+    ids, encoding = text_ids(_tokenizer(out_dir), model.args.vocab_size, tokens, text)
+    ref = memo_for(model, memo).get(("reference", text, len(ids)), lambda: Reference(model, ids))
+    runner = PteRunner(out_dir / entry.path, entry)
+    entry.parity = {"text": text, "encoding": encoding, **measure(model, runner, ids, ref=ref)}
 
 
 def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
-           max_context_len: int = MAX_CONTEXT_LEN, parity_tokens: int = 2048, **_: Any) -> list[dict]:
+           max_context_len: int = MAX_CONTEXT_LEN, parity_tokens: int = 2048, parity_text: str = "shakespeare",
+           calibration_text: str = "pydoc", memo=None) -> list:
     """Write ``model_<quant>.pte`` into ``out_dir``; returns its manifest entry.
 
-    ``parity_tokens`` tokens of real text go through the written file and through
-    PyTorch (0 skips it); the figures land in the entry's ``parity``.
+    ``parity_tokens`` tokens of ``parity_text`` go through the written file and through
+    PyTorch (0 skips it); the figures land in the entry's ``parity``.  Quantized linears
+    are calibrated on ``calibration_text`` (which must differ from ``parity_text``).
     """
-    from ..runtime.executorch import sha256
+    from .. import manifest as M
+    from . import check_texts
     out_dir = Path(out_dir)
     name = f"model_{quant.replace('+', '_')}.pte"
-    calib = calibration_ids(model, out_dir) if parse_quant(quant)[0] else None
+    calibrated = parse_quant(quant)[0] is not None
+    if calibrated:
+        check_texts(parity_text, calibration_text)
+    calib = calibration_ids(model, out_dir, calibration_text) if calibrated else None
     facts = build_pte(model, out_dir / name, quant, max_seq_len, max_context_len, calib)
     h, m, dv = model.state_shape(1)[1:]
-    entry = {
-        "format": "pte", "quant": quant, "path": name, "role": "both",
-        "qlinear": facts["qlinear"], "qembedding": facts["qembedding"],
-        "int8_outliers": "smoothed + block-Hadamard rotated (outliers.py)" if calib is not None else None,
-        "inputs": {"tokens": {"dtype": "int64", "shape": [1, "seq"]},
-                   "start_pos": {"dtype": "int64", "shape": [1]}},
-        "outputs": {"logits": {"dtype": "float32", "shape": [1, "seq", model.args.vocab_size]}},
-        "state": [{"name": f"state_{i}", "dtype": "float32", "shape": [1, h, m, dv], "in": "mutable buffer"}
-                  for i in range(len(model.layers))],
-        "max_seq_len": max_seq_len, "max_context_len": max_context_len,
-        "graph": facts["graph"], "export_seconds": facts["seconds"],
-        "checksums": {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256(out_dir / name)}},
-    }
+    entry = M.FileEntry(
+        format="pte", quant=quant, path=name, role="both", attention="plain", default=True,
+        inputs={"tokens": {"dtype": "int64", "shape": [1, "seq"]}, "start_pos": {"dtype": "int64", "shape": [1]}},
+        outputs={"logits": {"dtype": "float32", "shape": [1, "seq", model.args.vocab_size]}},
+        state=[{"name": f"state_{i}", "dtype": "float32", "shape": [1, h, m, dv], "in": "mutable buffer"}
+               for i in range(len(model.layers))],
+        checksums=M.checksums(out_dir, [name]),
+        extras={"qlinear": facts["qlinear"], "qembedding": facts["qembedding"],
+                "int8_outliers": "smoothed + block-Hadamard rotated (outliers.py)" if calibrated else None,
+                "max_seq_len": max_seq_len, "max_context_len": max_context_len, "graph": facts["graph"]})
     if parity_tokens > 0:
-        check(model, out_dir, entry, parity_tokens)
-    print(f"[pte] wrote {name} ({entry['checksums'][name]['bytes'] / 1e6:.1f} MB) in {facts['seconds']}s",
+        check(model, out_dir, entry, parity_tokens, parity_text, memo)
+    print(f"[pte] wrote {name} ({entry.checksums[name]['bytes'] / 1e6:.1f} MB) in {facts['seconds']}s",
           file=sys.stderr)
     return [entry]

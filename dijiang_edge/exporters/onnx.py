@@ -7,9 +7,11 @@ Files per quantization ``q`` (``fp32`` has no suffix), sharing ``onnx/weights[_q
 * ``onnx/decode[_q].onnx``   role ``decode``: ``seq == 1``, the recurrent step in plain ops.
 * ``onnx/native[_q].onnx``   role ``both``: ``com.microsoft::LinearAttention`` for the recurrence.
 
-``default: true`` marks what a runner uses unless told otherwise (``DEFAULT``): the
-native file, faster than the plain ops in both decode and prefill when measured on
-SmolLM2-135M (see the report of issue 3); the plain pair stays exported and tested.
+``default: true`` marks what a runner uses unless told otherwise: the first of
+``DEFAULT`` exported, the native file first, faster than the plain ops in both decode
+and prefill when measured on SmolLM2-135M (see the report of issue 3); the plain pair
+stays exported and tested.  Quantized files keep every layer's feature-map projection
+P in fp32 (imported official checkpoints have one per layer).
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
+from .. import manifest as M
 from ..errors import DiJiangError
-from . import onnx_files, onnx_graph
+from . import PARITY_TEXT, Memo, memo_for, onnx_files, onnx_graph
 
 FILES = {"block": ("prefill", "prefill", "plain"), "step": ("decode", "decode", "plain"),
          "native": ("native", "both", "native")}
-DEFAULT = ("native",)                # the graph(s) a runner uses unless told otherwise
+DEFAULT = ("native", "block", "step")    # the first of these exported is the runner's default
 PARITY_TOKENS = 2048
-_CACHE: dict[tuple[int, str], Any] = {}
 
 
 @contextlib.contextmanager
@@ -39,16 +41,28 @@ def progress(msg: str) -> Iterator[None]:
     print(f"[onnx] {msg}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
-def fp32_graph(model, kind: str):
-    """A fresh copy of the fp32 graph ``kind`` (traced once per model and process)."""
+def _trace(model, kind: str):
+    with progress(f"tracing the {kind} graph"):
+        return onnx_graph.to_onnx(model, kind)
+
+
+def fp32_graph(model, kind: str, memo: Memo):
+    """A fresh copy of the fp32 graph ``kind`` (traced once per export call: ``memo``)."""
     import onnx
-    key = (id(model), kind)
-    if key not in _CACHE:
-        with progress(f"tracing the {kind} graph"):
-            _CACHE[key] = onnx_graph.to_onnx(model, kind)
     mp = onnx.ModelProto()
-    mp.CopyFrom(_CACHE[key])
+    mp.CopyFrom(memo.get(("graph", kind), lambda: _trace(model, kind)))
     return mp
+
+
+def feature_projections(model) -> list:
+    """Every distinct frozen feature-map projection P of ``model`` (numpy): one shared by
+    all layers after ``convert``, one per layer in an imported official checkpoint."""
+    found: dict[bytes, object] = {}
+    for name, b in model.named_buffers():
+        if name.split(".")[-1] == "proj":
+            a = b.detach().cpu().numpy()
+            found.setdefault(a.tobytes() + str(a.shape).encode(), a)
+    return list(found.values())
 
 
 def file_name(kind: str, quant: str) -> str:
@@ -65,32 +79,31 @@ def io_spec(model) -> tuple[dict, dict]:
              "state": st(outs[1:])})
 
 
-def entry(model, out: Path, kind: str, quant: str, data: str, keep_head: bool) -> dict:
-    from ..runtime.onnx import sha256
+def entry(model, out: Path, kind: str, quant: str, data: str, keep_head: bool, default: bool) -> M.FileEntry:
     path = file_name(kind, quant)
     ins, outs = io_spec(model)
-    e = {"format": "onnx", "quant": quant, "path": path, "role": FILES[kind][1],
-         "attention": FILES[kind][2], "graph": kind, "default": kind in DEFAULT,
-         "weights": data, "lm_head": "fp32" if keep_head or quant == "fp32" else quant,
-         "inputs": ins, "outputs": outs,
-         "checksums": {p: {"bytes": (out / p).stat().st_size, "sha256": sha256(out / p)} for p in (path, data)}}
+    extras = {"graph": kind, "weights": data, "lm_head": "fp32" if keep_head or quant == "fp32" else quant}
     if kind != "step":
-        e["prefill_block"] = onnx_graph.PREFILL_BLOCK
-    return e
+        extras["prefill_block"] = onnx_graph.PREFILL_BLOCK
+    return M.FileEntry(format="onnx", quant=quant, path=path, role=FILES[kind][1], attention=FILES[kind][2],
+                       default=default, inputs=ins, outputs=outs, checksums=M.checksums(out, [path, data]),
+                       extras=extras)
 
 
-def reference(model, ids, source: str):
-    """PyTorch's side of the parity checks, computed once per model and text."""
+def reference(model, ids, text: str, memo: Memo):
+    """PyTorch's side of the parity checks, computed once per export call and text."""
     from ..parity import Reference
-    key = (id(model), "reference", len(ids))
-    if key not in _CACHE:
-        with progress(f"PyTorch reference over {len(ids)} tokens of English text ({source})"):
-            _CACHE[key] = Reference(model, ids)
-    return _CACHE[key]
+
+    def make():
+        with progress(f"PyTorch reference over {len(ids)} tokens of English text ({text})"):
+            return Reference(model, ids)
+    return memo.get(("reference", text, len(ids)), make)
 
 
-def check(model, out: Path, entries: list[dict], manifest: dict, tokens: int, threads: int = 0) -> None:
-    """Run every file with onnxruntime against PyTorch on real text; figures into ``parity``.
+def check(model, out: Path, entries: list[M.FileEntry], tokens: int, threads: int = 0,
+          text: str = PARITY_TEXT, memo: Memo | None = None) -> None:
+    """Run every file with onnxruntime against PyTorch on the English ``text``; figures
+    into ``parity``.
 
     A file is measured in the runner it serves (prefill + decode file of the same
     attention, or one file for both); entries that make the same pair share one measurement.
@@ -98,44 +111,51 @@ def check(model, out: Path, entries: list[dict], manifest: dict, tokens: int, th
     from ..parity import measure, text_ids
     from ..runtime.onnx import OnnxRunner
     from ..tokenizer import load_tokenizer
+    memo = memo_for(model, memo)
     tok = load_tokenizer(out) if (out / "tokenizer.json").exists() else None
-    ids, source = text_ids(tok, model.args.vocab_size, tokens)
-    ref = reference(model, ids, source)
+    ids, encoding = text_ids(tok, model.args.vocab_size, tokens, text)
+    ref = reference(model, ids, text, memo)
     done: dict[tuple[str, str], dict] = {}
     for e in entries:
-        runner = OnnxRunner(out, e, manifest, threads, verify=False, spin=False)
-        pair = (runner.prefill_entry["path"], runner.decode_entry["path"])
+        runner = OnnxRunner(out, e, {"files": entries}, threads, verify=False, spin=False)
+        pair = (runner.prefill_entry.path, runner.decode_entry.path)
         if pair not in done:
             with progress(f"parity of {' + '.join(dict.fromkeys(pair))} vs PyTorch"):
-                done[pair] = {"text": source, "prefill_file": pair[0], "decode_file": pair[1],
-                              **measure(model, runner, ids, ref=ref)}
-        e["parity"] = done[pair]
+                done[pair] = {"text": text, "encoding": encoding, "prefill_file": pair[0],
+                              "decode_file": pair[1], **measure(model, runner, ids, ref=ref)}
+        e.parity = done[pair]
 
 
 def export(model, out_dir: str | Path, quant: str = "fp32", kinds: tuple[str, ...] = onnx_graph.KINDS,
            parity_tokens: int = PARITY_TOKENS, keep_head: bool = False, threads: int = 0,
-           **_: Any) -> list[dict]:
-    """Write the ONNX files of ``quant`` into ``out_dir``; return their manifest entries
-    (defaults first, so ``runtime.pick_entry`` finds them).  ``parity_tokens`` of real
-    text are checked against PyTorch (0: skip); ``threads`` for onnxruntime there."""
+           parity_text: str = PARITY_TEXT, calibration_text: str | None = None,
+           memo: Memo | None = None) -> list[M.FileEntry]:
+    """Write the ONNX files of ``quant`` into ``out_dir``; return their manifest entries.
+
+    ``parity_tokens`` of ``parity_text`` are checked against PyTorch (0: skip);
+    ``threads`` for onnxruntime there.  ``calibration_text`` is not used: ONNX
+    quantization here is weight-only.  ``memo``: what the other quantizations of the
+    same export call already traced (``exporters.export`` passes it)."""
     onnx_files.check_quant(quant)
     bad = [k for k in kinds if k not in FILES]
-    if bad:
-        raise DiJiangError(f"unknown ONNX graph kind(s) {bad}; choose from {', '.join(FILES)}")
+    if bad or not kinds:
+        raise DiJiangError(f"unknown ONNX graph kind(s) {bad or 'none'}; choose from {', '.join(FILES)}")
+    memo = memo_for(model, memo)
     out = Path(out_dir)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     data = f"onnx/weights{'' if quant == 'fp32' else '_' + quant}.data"
     graphs = {}
-    for kind in sorted(kinds, key=lambda k: k not in DEFAULT):
-        mp = fp32_graph(model, kind)
+    for kind in sorted(kinds, key=DEFAULT.index):
+        mp = fp32_graph(model, kind, memo)
         if quant != "fp32":
             with progress(f"quantizing the {kind} graph to {quant}"), onnx_files.quiet_logs():
                 mp = onnx_files.quantize(mp, quant, model.args.vocab_size, keep_head,
-                                         keep=model.layers[0].attn.proj.numpy())
+                                         keep=feature_projections(model))
         graphs[file_name(kind, quant)] = (kind, mp)
     with progress(f"writing {len(graphs)} {quant} files"):
         onnx_files.pack({n: g for n, (_, g) in graphs.items()}, out, data)
-    entries = [entry(model, out, kind, quant, data, keep_head) for kind, _ in graphs.values()]
+    first = min(graphs.values(), key=lambda g: DEFAULT.index(g[0]))[0]
+    entries = [entry(model, out, kind, quant, data, keep_head, kind == first) for kind, _ in graphs.values()]
     if parity_tokens:
-        check(model, out, entries, {"files": entries}, parity_tokens, threads)
+        check(model, out, entries, parity_tokens, threads, parity_text, memo)
     return entries

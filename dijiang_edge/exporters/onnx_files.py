@@ -57,24 +57,25 @@ def lm_head_nodes(mp, vocab: int) -> list[str]:
             and shapes.get(n.input[1], [0])[-1] == vocab]
 
 
-def constant_nodes(mp, value) -> list[str]:
-    """Names of the MatMul nodes whose weight equals ``value`` (the frozen projection P)."""
+def constant_nodes(mp, values: list) -> list[str]:
+    """Names of the MatMul nodes whose weight equals one of ``values`` (the frozen projections P)."""
     import numpy as np
     from onnx import numpy_helper
-    same = {t.name for t in mp.graph.initializer if tuple(t.dims) == value.shape
-            and np.array_equal(numpy_helper.to_array(t), value)}
+    same = {t.name for t in mp.graph.initializer for v in values if tuple(t.dims) == v.shape
+            and np.array_equal(numpy_helper.to_array(t), v)}
     return [n.name for n in mp.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in same]
 
 
-def quantize(mp, quant: str, vocab: int, keep_head: bool = False, keep=None):
+def quantize(mp, quant: str, vocab: int, keep_head: bool = False, keep: list | None = None):
     """``mp`` (fp32 ``ModelProto``) with its MatMul weights quantized as ``quant`` says.
 
-    ``keep``: a constant matrix whose MatMuls stay fp32 -- the DCT projection P, which
-    defines the feature map and is tiny; ``keep_head``: the lm_head too."""
+    ``keep``: constant matrices whose MatMuls stay fp32 -- the projections P (one per
+    layer in an imported official checkpoint), which define the feature map and are
+    tiny; ``keep_head``: the lm_head too."""
     check_quant(quant)
     method, o = QUANTS[quant]
     exclude = (lm_head_nodes(mp, vocab) if keep_head else []) + \
-        (constant_nodes(mp, keep) if keep is not None else [])
+        (constant_nodes(mp, keep) if keep else [])
     if method == "none":
         return mp
     if method == "nbits":

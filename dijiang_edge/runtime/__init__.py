@@ -20,40 +20,28 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from .. import manifest as M
 from ..errors import DiJiangError
 
 RUNTIMES = {"onnx": "onnx", "pte": "executorch"}
 
 
 class Runner(Protocol):
-    entry: dict
+    entry: M.FileEntry
 
     def reset(self) -> None: ...
 
     def forward(self, ids: np.ndarray) -> np.ndarray: ...
 
 
-def pick_entry(manifest: dict, format: str | None = None, quant: str | None = None,
-               role: str | None = None) -> dict:
-    """The manifest entry for ``format``/``quant`` (the first file when unspecified)."""
-    files = [f for f in manifest.get("files", [])
-             if (format is None or f["format"] == format) and (quant is None or f["quant"] == quant)
-             and (role is None or f.get("role") in (role, "both"))]
-    if not files:
-        have = ", ".join(f"{f['format']}/{f['quant']}" for f in manifest.get("files", [])) or "none"
-        raise DiJiangError(f"no exported file for format={format or 'any'} quant={quant or 'any'} "
-                           f"(the folder has: {have})")
-    return files[0]
-
-
 def open_export(folder: str | Path, format: str | None = None, quant: str | None = None,
                 threads: int = 0) -> Runner:
-    from ..exporters import read_manifest
-    manifest = read_manifest(folder)
-    return open_entry(folder, pick_entry(manifest, format, quant), manifest, threads)
+    """The runner of ``folder``'s default file of ``format``/``quant`` (``manifest.select``)."""
+    manifest = M.read(folder)
+    return open_entry(folder, M.select(manifest, format, quant), manifest, threads)
 
 
-def open_entry(folder: str | Path, entry: dict, manifest: dict, threads: int = 0) -> Runner:
+def open_entry(folder: str | Path, entry: M.FileEntry, manifest: M.Manifest, threads: int = 0) -> Runner:
     """The runner of one manifest ``entry`` (DiJiang or softmax baseline, any format)."""
     name = "kv_cache" if entry.get("attention") == "softmax" else RUNTIMES[entry["format"]]
     try:
@@ -104,13 +92,12 @@ def median_decode_ms(runner: Runner, tokens: int) -> float:
 
 def run_export_generate(a) -> None:
     """``dijiang-export generate DIR``: stream a continuation, then report tokens/s."""
-    from ..exporters import read_manifest
     from ..tokenizer import load_tokenizer
-    manifest = read_manifest(a.model)
+    manifest = M.read(a.model)
     runner = open_export(a.model, a.format, a.quant, a.threads)
     tok = load_tokenizer(a.model)
     prompt = tok.encode(a.prompt).ids
-    eos = manifest["model"].get("eos_ids", [])
+    eos = manifest.model.eos_ids
     print(a.prompt, end="", flush=True)
     out: list[int] = []
     t0 = time.perf_counter()

@@ -14,19 +14,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import DiJiangError
+from ..manifest import FileEntry, Manifest, verify_file
 
 MARKER = "dijiang_recurrent_state"
 RUNNER_METHODS = ("get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_n_layers",
                   "use_kv_cache", "enable_dynamic_shape")
-
-
-def sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_program(path: Path):
@@ -58,10 +50,10 @@ class PteRunner:
     stock runner does with long prompts.
     """
 
-    def __init__(self, path: str | Path, entry: dict | None = None, threads: int = 0,
+    def __init__(self, path: str | Path, entry: FileEntry | None = None, threads: int = 0,
                  marker: str = MARKER):
         path = Path(path)
-        self.entry = entry or {"format": "pte", "quant": "?", "path": path.name}
+        self.entry = entry or FileEntry(format="pte", quant="?", path=path.name, role="both")
         self._check_file(path)
         set_threads(threads)
         self.program = _load_program(path)
@@ -79,16 +71,7 @@ class PteRunner:
 
     def _check_file(self, path: Path) -> None:
         """Size and sha256 against the manifest: a truncated or replaced file is named."""
-        if not path.exists():
-            raise DiJiangError(f"{path} does not exist; the export folder is incomplete: re-export it")
-        want = self.entry.get("checksums", {}).get(self.entry.get("path", ""), {})
-        have = path.stat().st_size
-        if "bytes" in want and want["bytes"] != have:
-            raise DiJiangError(f"{path} is {have} bytes but the manifest says {want['bytes']}: the file "
-                               f"is truncated or was replaced; re-export the folder")
-        if "sha256" in want and want["sha256"] != sha256(path):
-            raise DiJiangError(f"{path} does not match the sha256 in the manifest: the file is corrupt "
-                               f"or was replaced; re-export the folder")
+        verify_file(path, (self.entry.get("checksums") or {}).get(self.entry.get("path", "")))
 
     def reset(self) -> None:
         self.pos = 0
@@ -111,7 +94,7 @@ class PteRunner:
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
 
-def open(folder: Path, entry: dict, manifest: dict, threads: int = 0) -> PteRunner:  # noqa: A001
+def open(folder: Path, entry: FileEntry, manifest: Manifest, threads: int = 0) -> PteRunner:  # noqa: A001
     """The ``Runner`` of ``dijiang_edge.runtime`` for a ``.pte`` manifest entry."""
     return PteRunner(Path(folder) / entry["path"], entry, threads)
 

@@ -208,12 +208,12 @@ def run_onnx_arm64(folder: Path, file_entry: dict, prompt_ids: list[int], new_to
     wheel, in an arm64 Python 3.11 (under qemu on an x86_64 host)."""
     _require("aarch64")
     folder = Path(folder).resolve()
-    from ..exporters import MANIFEST
-    manifest = json.loads((folder / MANIFEST).read_text())
+    from ..manifest import read
+    manifest = read(folder).to_dict()
     root = arm64_root()
     python = [str(root / "sysroot" / "usr" / "bin" / "python3.11")] if emulated("aarch64") else [sys.executable]
     with tempfile.TemporaryDirectory(prefix="dj_onnx_arm64_") as tmp:
-        job = {"folder": str(folder), "entry": file_entry, "manifest": manifest, "prompt": list(prompt_ids),
+        job = {"folder": str(folder), "entry": dict(file_entry), "manifest": manifest, "prompt": list(prompt_ids),
                "new_tokens": new_tokens, "logits_steps": list(logits_steps), "prefill_logits": prefill_logits,
                "out": tmp}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
@@ -233,13 +233,15 @@ def run_onnx_arm64(folder: Path, file_entry: dict, prompt_ids: list[int], new_to
 def _onnx_main(tmp: str) -> None:
     """Inside the emulated arm64 Python: one greedy run of ``job.json`` (numpy + onnxruntime only)."""
     import platform as pf
+    from ..manifest import FileEntry, parse
     from .onnx import OnnxRunner
     job = json.loads(Path(tmp, "job.json").read_text())
     if pf.machine() not in ("aarch64", "arm64"):
         print(f"pte_runner: error: expected an aarch64 Python, got {pf.machine()}", file=sys.stderr)
         sys.exit(2)
     try:
-        r = OnnxRunner(Path(job["folder"]), job["entry"], job["manifest"], threads=1)
+        r = OnnxRunner(Path(job["folder"]), FileEntry.from_dict(job["entry"], "job.json entry"),
+                       parse(job["manifest"]), threads=1)
         steps = set(job["logits_steps"])
         t0 = time.perf_counter()
         lg = r.forward(np.asarray([job["prompt"]], np.int64))[0]
@@ -376,7 +378,7 @@ def bench(folder: str | Path, arches: Sequence[str] = ARCHES, quants: Sequence[s
     """Per ``.pte`` file and arch: median decode ms/token of the C++ runner (native
     arch: a latency; emulated: only how long qemu took), and instructions per decoded
     token (the stable cost figure of the ARM64 path). Prints a table; returns the rows."""
-    from ..exporters import read_manifest
+    from ..manifest import read as read_manifest
     from .pte_bench import pte_entries
     for a in arches:
         _check_arch(a)

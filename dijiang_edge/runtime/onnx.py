@@ -9,38 +9,15 @@ exact chunk of the chunked form) and decodes one token per call.
 
 from __future__ import annotations
 
-import builtins
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DiJiangError
+from ..manifest import FileEntry, Manifest, verify_files
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with builtins.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_files(folder: Path, entry: dict) -> None:
-    """Refuse a missing, truncated or modified file before onnxruntime reads it."""
-    for rel, want in entry.get("checksums", {}).items():
-        p = folder / rel
-        if not p.exists():
-            raise DiJiangError(f"{p} is missing from the export folder; re-export it with `dijiang-export export`")
-        if p.stat().st_size != want["bytes"]:
-            raise DiJiangError(f"{p} is {p.stat().st_size} bytes but the manifest says {want['bytes']}: "
-                               f"the file is truncated or damaged; re-export the folder")
-        if sha256(p) != want["sha256"]:
-            raise DiJiangError(f"{p} does not match its sha256 in manifest.json: the file was modified "
-                               f"or damaged; re-export the folder")
-
-
-def session(folder: Path, entry: dict, threads: int = 0, verify: bool = True, spin: bool = True):
+def session(folder: Path, entry: FileEntry, threads: int = 0, verify: bool = True, spin: bool = True):
     """An ``onnxruntime.InferenceSession`` for ``entry``, with damaged files refused clearly.
 
     ``spin=False`` stops idle worker threads from busy-waiting: needed when the process
@@ -63,7 +40,7 @@ def session(folder: Path, entry: dict, threads: int = 0, verify: bool = True, sp
                            f"the file is damaged or not a dijiang-export file: re-export the folder") from None
 
 
-def companion(manifest: dict, entry: dict, role: str) -> dict:
+def companion(manifest: Manifest, entry: FileEntry, role: str) -> FileEntry:
     """The file that serves ``role`` beside ``entry``: itself, else one of its quantization,
     the same attention kind first (plain prefill with plain decode), then the default."""
     if entry.get("role") in (role, "both"):
@@ -79,7 +56,7 @@ def companion(manifest: dict, entry: dict, role: str) -> dict:
 class OnnxRunner:
     """One sequence: ``forward(ids [B, T]) -> logits [B, T, V]``, state carried between calls."""
 
-    def __init__(self, folder: Path, entry: dict, manifest: dict, threads: int = 0, verify: bool = True,
+    def __init__(self, folder: Path, entry: FileEntry, manifest: Manifest, threads: int = 0, verify: bool = True,
                  spin: bool = True):
         self.entry, self.manifest = entry, manifest
         self.prefill_entry = companion(manifest, entry, "prefill")
@@ -116,7 +93,7 @@ class OnnxRunner:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-def open(folder: Path, entry: dict, manifest: dict, threads: int = 0) -> OnnxRunner:   # noqa: A001
+def open(folder: Path, entry: FileEntry, manifest: Manifest, threads: int = 0) -> OnnxRunner:   # noqa: A001
     """The runtime entry point used by ``dijiang_edge.runtime.open_export``."""
     try:
         import onnxruntime  # noqa: F401

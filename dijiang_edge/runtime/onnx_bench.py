@@ -37,8 +37,8 @@ def prefilled_states(folder: Path, manifest: dict, quant: str, positions: list[i
 
     Plain and native files of one quantization keep the same state, so every decode
     file of ``quant`` starts from these."""
-    from . import pick_entry
-    runner = OnnxRunner(Path(folder), pick_entry(manifest, "onnx", quant), manifest, threads)
+    from ..manifest import select
+    runner = OnnxRunner(Path(folder), select(manifest, "onnx", quant), manifest, threads)
     vocab = manifest["model"]["vocab_size"]
     return {p: _prefilled(runner, p, vocab) for p in positions}
 
@@ -69,7 +69,7 @@ def decode_entries(manifest: dict, quants: list[str] | None) -> list[dict]:
 def run(folder: str | Path, quants: list[str] | None, positions: list[int], threads: list[int],
         tokens: int = 32, rounds: int = 3) -> list[dict]:
     """Print a table (file, quant, threads, ms/token per position, last/first ratio); return rows."""
-    from ..exporters import read_manifest
+    from ..manifest import read as read_manifest
     manifest = read_manifest(folder)
     head = f"{'decode file':<28} {'quant':<13} {'thr':>3} " + " ".join(f"{'@' + str(p):>9}" for p in positions)
     print(head + f" {'ratio':>6}   (median ms/token)")

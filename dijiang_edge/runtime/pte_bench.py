@@ -55,7 +55,7 @@ def file_sizes(folder: str | Path, entries: list[dict]) -> dict[str, int]:
 def run(folder: str | Path, quants: list[str] | None, positions: list[int], threads: list[int],
         tokens: int = 32, rounds: int = 3) -> list[dict]:
     """Print sizes, then a table (file, quant, threads, ms/token per position, last/first)."""
-    from ..exporters import read_manifest
+    from ..manifest import read as read_manifest
     if not positions:
         raise DiJiangError("give at least one --positions value")
     manifest = read_manifest(folder)
