@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from .errors import DiJiangError
 
@@ -56,10 +57,37 @@ def cmd_convert(a: argparse.Namespace) -> None:
           f"state {st.nbytes() / 1e6:.2f} MB per sequence at any length, {time.time() - t0:.1f}s)")
 
 
+def _echo_generation(tokens: Iterator[int], tok, prompt: str, prompt_tokens: int, what: str) -> None:
+    """Print the prompt and each new token's text as it comes, then the figures
+    (``GenerationClock``: one definition of prefill time and tokens/s for every path)."""
+    from .benchmark.timing import GenerationClock
+    out: list[int] = []
+    print(prompt, end="", flush=True)
+    clock = GenerationClock()
+    for t in tokens:
+        clock.token()
+        out.append(t)
+        print(tok.decode(out)[len(tok.decode(out[:-1])):], end="", flush=True)
+    print("\n" + clock.summary(prompt_tokens, what), file=sys.stderr)
+
+
+def _generate_export(a: argparse.Namespace) -> None:
+    """An export folder: onnxruntime or executorch, no torch."""
+    from .exporters import read_manifest
+    from .runtime import open_export, stream_ids
+    from .tokenizer import load_tokenizer
+    manifest = read_manifest(a.model)
+    runner = open_export(a.model, a.format, a.quant, a.threads)
+    tok = load_tokenizer(a.model)
+    prompt = tok.encode(a.prompt).ids
+    eos = manifest["model"].get("eos_ids", [])
+    tokens = stream_ids(runner, prompt, a.max_new_tokens, eos, a.temperature, a.top_k, a.seed)
+    _echo_generation(tokens, tok, a.prompt, len(prompt), f"{runner.entry['format']} {runner.entry['quant']}")
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     if (Path(a.model) / "manifest.json").exists():
-        from .runtime import run_export_generate     # exported files: onnxruntime / executorch
-        run_export_generate(a)
+        _generate_export(a)
         return
     import torch
     from .conversion import convert
@@ -72,16 +100,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
     ids = torch.tensor([tok.encode(a.prompt).ids])
     if a.threads:
         torch.set_num_threads(a.threads)
-    t0, n, out = time.time(), 0, []
-    print(a.prompt, end="", flush=True)
-    for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                       top_p=a.top_p, seed=a.seed):
-        out.append(int(t[0]))
-        n += 1
-        text = tok.decode(out)
-        print(text[len(tok.decode(out[:-1])):], end="", flush=True)
-    dt = time.time() - t0
-    print(f"\n[{n} tokens, {n / dt:.1f} tokens/s, PyTorch]", file=sys.stderr)
+    tokens = (int(t[0]) for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature,
+                                           top_k=a.top_k, top_p=a.top_p, seed=a.seed))
+    _echo_generation(tokens, tok, a.prompt, ids.shape[1], "PyTorch")
 
 
 def _split(s: str | None) -> list[str]:

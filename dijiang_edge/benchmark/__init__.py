@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import DiJiangError
 from . import machine as M
-from .measure import WARMUP_TOKENS, in_subprocess, progress
+from .measure import in_subprocess, progress
+from .timing import WARMUP_TOKENS
 
 LENGTHS = [128, 512, 2048, 8192, 16384]
 QUICK_LENGTHS = [128, 2048]

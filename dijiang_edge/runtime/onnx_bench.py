@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
-from . import median_decode_ms
+from ..benchmark.timing import decode_ms
 from .onnx import OnnxRunner
 
 
@@ -28,7 +28,7 @@ def _prefilled(runner: OnnxRunner, pos: int, vocab: int, seed: int = 0) -> tuple
 def _decode_ms(runner: OnnxRunner, saved: tuple[list, int], tokens: int) -> float:
     """Median ms of one decode call, starting from the saved state each time."""
     runner.state, runner.pos = [s.copy() for s in saved[0]], saved[1]
-    return median_decode_ms(runner, tokens)
+    return decode_ms(runner, tokens, warmup=0)
 
 
 def prefilled_states(folder: Path, manifest: dict, quant: str, positions: list[int],

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
-from . import median_decode_ms
+from ..benchmark.timing import decode_ms
 from .executorch import PteRunner
 
 
@@ -31,11 +31,11 @@ def bench_decode(folder: str | Path, entry: dict, positions: list[int], threads:
                  tokens: int = 32, rounds: int = 3) -> dict[int, float]:
     """Median decode ms/token at each position (each reached by a real prefill)."""
     runners = {p: _prefilled(Path(folder), entry, p, threads) for p in positions}
-    median_decode_ms(runners[positions[0]], 4)                                      # warm-up
+    decode_ms(runners[positions[0]], 4, warmup=0)                                      # warm-up
     runs: dict[int, list[float]] = {p: [] for p in positions}
     for _ in range(rounds):
         for p in positions:
-            runs[p].append(median_decode_ms(runners[p], tokens))
+            runs[p].append(decode_ms(runners[p], tokens, warmup=0))
     return {p: statistics.median(v) for p, v in runs.items()}
 
 
