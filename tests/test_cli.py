@@ -20,7 +20,7 @@ def _run(capsys, *argv):
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "dijiang_edge.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("convert", "generate", "export", "bench-attention"):
+    for cmd in ("convert", "generate", "export", "check", "bench"):
         assert cmd in out.stdout
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,25 @@ def measure(folder: str, path: str, threads: int, lengths: list[int], tokens: in
                  f"{prefilled / max(prefill_s, 1e-9):8.1f} tok/s, peak RSS {peak / 2**20:7.0f} MiB")
     return {"threads": threads, "rss_idle_bytes": idle, "rss_loaded_bytes": loaded,
             "peak_rss_bytes": rss_bytes()[1], "points": points}
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One result from repeated ``measure`` runs of one file: the median decode ms and
+    prefill rate of each context (each round's figures kept beside them), the largest
+    memory figures (the peak is a peak)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    points = []
+    for same in zip(*(r["points"] for r in rounds)):
+        ms = [p["decode_ms"] for p in same]
+        tps = [p["prefill_tok_s"] for p in same if p["prefill_tok_s"] is not None]
+        points.append({**same[0], "decode_ms": statistics.median(ms), "decode_ms_rounds": ms,
+                       "prefill_s": statistics.median(p["prefill_s"] for p in same),
+                       "prefill_tok_s": statistics.median(tps) if tps else None,
+                       "rss_bytes": max(p["rss_bytes"] for p in same),
+                       "peak_rss_bytes": max(p["peak_rss_bytes"] for p in same)})
+    return {**rounds[0], "points": points, "rounds": len(rounds),
+            **{k: max(r[k] for r in rounds) for k in ("rss_idle_bytes", "rss_loaded_bytes", "peak_rss_bytes")}}
 
 
 def in_subprocess(folder: str, path: str, threads: int, lengths: list[int], tokens: int,
