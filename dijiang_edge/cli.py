@@ -274,6 +274,7 @@ def _add_bench_parser(sub) -> None:
 # -- parser -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .exporters import PARITY_TOKENS
     ap = argparse.ArgumentParser(
         prog="dijiang-export",
         description="Convert a Hugging Face causal LM to DiJiang linear attention (recurrent form, "
@@ -313,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=None,
                    help="pte: tokens per sequence the runner allows (default: the target's, else 2^20)")
     p.add_argument("--parity-tokens", type=int, default=None,
-                   help="tokens of English text each file is checked on at export (0 = skip; "
-                        "default: 2048 for onnx, 512 for pte)")
+                   help=f"tokens of English text each file is checked on at export (0 = skip; "
+                        f"default: {PARITY_TOKENS})")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--qlinear", choices=["8da8w", "8da4w"], default=None,
                    help="pte: also write a file with linears quantized so (8-bit dynamic activations + "

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 from ..errors import DiJiangError
 
 MANIFEST = "manifest.json"
+PARITY_TOKENS = 2048     # tokens of real text each exported file is checked on at export (every format)
 FORMATS = {"onnx": "onnx", "pte": "executorch"}     # --formats name -> module
 
 

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DiJiangError
-from . import onnx_files, onnx_graph
+from . import PARITY_TOKENS, onnx_files, onnx_graph
 
 FILES = {"block": ("prefill", "prefill", "plain"), "step": ("decode", "decode", "plain"),
          "native": ("native", "both", "native")}
 DEFAULT = ("native",)                # the graph(s) a runner uses unless told otherwise
-PARITY_TOKENS = 2048
 _CACHE: dict[tuple[int, str], Any] = {}
 
 
