@@ -75,3 +75,16 @@ def test_generate_prints_the_same_figures_on_both_paths(tiny_src, tmp_path, caps
     for line, what in zip(lines, ("PyTorch", "onnx fp32")):
         assert line.startswith("[4 tokens; prefill 3 tokens in ") and " tokens/s; " in line, line
         assert line.endswith(f"; {what}]"), line
+
+
+def test_no_test_reads_a_clock():
+    """Timings are the benchmark's (``dijiang-export bench``): a test that asserts on one
+    fails at random on a loaded machine, so no test module reads a clock."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    clock = re.compile(r"\b(perf_counter(_ns)?|monotonic(_ns)?|process_time)\s*\(|\btime\.time\s*\(")
+    offenders = [f"{p.relative_to(root)}:{i}" for d in ("tests", "runtime_tests") for p in (root / d).glob("*.py")
+                 if p.name != Path(__file__).name
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if clock.search(line)]
+    assert offenders == [], offenders
