@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make demo   installs, then converts the embedded default model, exports it to ONNX
 #               fp32 + int8 (parity checked at export), generates with both, benches decode
+#               at two context lengths (out/demo-bench)
 #   make test   installs, then runs the test suite (what CI runs)
 #   make bench  DiJiang vs the softmax KV-cache baseline (ONNX fp32 + int8) -> out/bench
 #               (BENCH_FLAGS=--quick for a few minutes)
@@ -17,7 +18,7 @@ demo: setup
 	dijiang-export export default --out $(OUT) --formats onnx --quant fp32,int8 --force
 	dijiang-export generate $(OUT) --format onnx --quant fp32 --prompt "$(PROMPT)" --max-new-tokens 32
 	dijiang-export generate $(OUT) --format onnx --quant int8 --prompt "$(PROMPT)" --max-new-tokens 32
-	dijiang-export bench-onnx $(OUT) --quant fp32,int8
+	dijiang-export bench $(OUT) --no-baseline --quant fp32,int8 --quick --out out/demo-bench --force
 
 test: setup
 	$(PY) -m pytest -q

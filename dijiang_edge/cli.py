@@ -13,9 +13,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from .errors import DiJiangError
 
+ATTENTION_LENGTHS = [1024, 4096, 16384]
 MODEL_HELP = ("a local Hugging Face model folder, a .gguf file, a converted or official DiJiang "
               "checkpoint folder, or 'default' (the embedded SmolLM2-135M-Instruct)")
 
@@ -56,10 +58,37 @@ def cmd_convert(a: argparse.Namespace) -> None:
           f"state {st.nbytes() / 1e6:.2f} MB per sequence at any length, {time.time() - t0:.1f}s)")
 
 
+def _echo_generation(tokens: Iterator[int], tok, prompt: str, prompt_tokens: int, what: str) -> None:
+    """Print the prompt and each new token's text as it comes, then the figures
+    (``GenerationClock``: one definition of prefill time and tokens/s for every path)."""
+    from .benchmark.timing import GenerationClock
+    out: list[int] = []
+    print(prompt, end="", flush=True)
+    clock = GenerationClock()
+    for t in tokens:
+        clock.token()
+        out.append(t)
+        print(tok.decode(out)[len(tok.decode(out[:-1])):], end="", flush=True)
+    print("\n" + clock.summary(prompt_tokens, what), file=sys.stderr)
+
+
+def _generate_export(a: argparse.Namespace) -> None:
+    """An export folder: onnxruntime or executorch, no torch."""
+    from .exporters import read_manifest
+    from .runtime import open_export, stream_ids
+    from .tokenizer import load_tokenizer
+    manifest = read_manifest(a.model)
+    runner = open_export(a.model, a.format, a.quant, a.threads)
+    tok = load_tokenizer(a.model)
+    prompt = tok.encode(a.prompt).ids
+    eos = manifest["model"].get("eos_ids", [])
+    tokens = stream_ids(runner, prompt, a.max_new_tokens, eos, a.temperature, a.top_k, a.seed)
+    _echo_generation(tokens, tok, a.prompt, len(prompt), f"{runner.entry['format']} {runner.entry['quant']}")
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     if (Path(a.model) / "manifest.json").exists():
-        from .runtime import run_export_generate     # exported files: onnxruntime / executorch
-        run_export_generate(a)
+        _generate_export(a)
         return
     import torch
     from .conversion import convert
@@ -72,16 +101,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
     ids = torch.tensor([tok.encode(a.prompt).ids])
     if a.threads:
         torch.set_num_threads(a.threads)
-    t0, n, out = time.time(), 0, []
-    print(a.prompt, end="", flush=True)
-    for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                       top_p=a.top_p, seed=a.seed):
-        out.append(int(t[0]))
-        n += 1
-        text = tok.decode(out)
-        print(text[len(tok.decode(out[:-1])):], end="", flush=True)
-    dt = time.time() - t0
-    print(f"\n[{n} tokens, {n / dt:.1f} tokens/s, PyTorch]", file=sys.stderr)
+    tokens = (int(t[0]) for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature,
+                                           top_k=a.top_k, top_p=a.top_p, seed=a.seed))
+    _echo_generation(tokens, tok, a.prompt, ids.shape[1], "PyTorch")
 
 
 def _split(s: str | None) -> list[str]:
@@ -125,27 +147,6 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0 if ok else 1                # a failing row: exit 1 (bad input stays exit 2)
 
 
-def cmd_bench_attention(a: argparse.Namespace) -> None:
-    from .bench_attention import bench_prefill_forms
-    lengths = [int(x) for x in a.lengths.split(",")]
-    bench_prefill_forms(lengths, heads=a.heads, head_dim=a.head_dim, chunk_size=a.chunk_size,
-                        threads=a.threads, parallel_limit=a.parallel_limit)
-
-
-def cmd_bench_pte(a: argparse.Namespace) -> None:
-    from .runtime.pte_bench import run
-    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
-    quants = [q.strip() for q in a.quant.split(",") if q.strip()] if a.quant else None
-    run(a.folder, quants, ints(a.positions), ints(a.threads), a.tokens, a.rounds)
-
-
-def cmd_bench_onnx(a: argparse.Namespace) -> None:
-    from .runtime.onnx_bench import run
-    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
-    quants = [q.strip() for q in a.quant.split(",") if q.strip()] if a.quant else None
-    run(a.folder, quants, ints(a.positions), ints(a.threads), a.tokens, a.rounds)
-
-
 def cmd_export_baseline(a: argparse.Namespace) -> None:
     from .exporters.baseline import export_baseline
     m = export_baseline(a.model, a.out, _split(a.formats) or None, _split(a.quant) or None, force=a.force,
@@ -155,23 +156,32 @@ def cmd_export_baseline(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}/manifest.json")
 
 
-def cmd_bench(a: argparse.Namespace) -> None:
-    from .benchmark import bench
-    ints = lambda s: [int(x) for x in _split(s)] or None
-    if a.baseline is None and not a.no_baseline:
-        raise DiJiangError("give --baseline DIR (a softmax baseline made with `dijiang-export export-baseline "
-                           "MODEL --out DIR`) or --no-baseline to measure the DiJiang files alone")
-    bench(a.folders, None if a.no_baseline else a.baseline, a.out, ints(a.lengths), ints(a.threads),
-          a.tokens, _split(a.formats) or None, _split(a.quant) or None, a.quick, a.force, a.bandwidth_mib)
-    print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
+def _ints(s: str | None) -> list[int] | None:
+    try:
+        return [int(x) for x in _split(s)] or None
+    except ValueError:
+        raise DiJiangError(f"expected a comma list of integers, got {s!r}") from None
 
 
-def cmd_bench_report(a: argparse.Namespace) -> None:
+def _bench_mode(a: argparse.Namespace) -> str:
+    """Which form of ``bench`` the flags ask for; mixing forms is refused."""
+    modes = [m for m, on in (("report", a.report), ("attention-forms", a.attention_forms)) if on]
+    if len(modes) > 1:
+        raise DiJiangError("give one of --report and --attention-forms")
+    if modes and a.folders:
+        raise DiJiangError(f"--{modes[0]} takes no DIR (got {' '.join(a.folders)})")
+    if not modes and not a.folders:
+        raise DiJiangError("give export folder(s) DIR to time, --report JSON... to merge reports, "
+                           "or --attention-forms")
+    return modes[0] if modes else ("native" if a.native else "runtimes")
+
+
+def _bench_report(a: argparse.Namespace) -> None:
     import json
     from .benchmark.report import merge, write_report
     from .exporters import staged_dir
     datas = []
-    for p in a.json:
+    for p in a.report:
         try:
             datas.append(json.loads(Path(p).read_text()))
         except (OSError, json.JSONDecodeError) as e:
@@ -179,26 +189,93 @@ def cmd_bench_report(a: argparse.Namespace) -> None:
     data = merge(datas)
     with staged_dir(a.out, a.force) as tmp:
         (tmp / "bench.json").write_text(json.dumps(data, indent=1))
-        write_report(data, tmp)
-    print(f"wrote {a.out}/bench.json, {a.out}/report.md, {a.out}/decode_ms.png, {a.out}/memory.png")
+        names = write_report(data, tmp)
+    print(f"wrote {a.out}/bench.json, " + ", ".join(f"{a.out}/{n}" for n in names))
 
 
-def cmd_bench_native(a: argparse.Namespace) -> None:
-    from .runtime.native import bench
-    bench(a.folder, _split(a.arch), _split(a.quant) or None, a.tokens, a.count_tokens, a.prompt_len, a.threads)
+def _bench_runtimes(a: argparse.Namespace) -> None:
+    from .benchmark import bench
+    from .benchmark.report import decode_table
+    if a.baseline is None and not a.no_baseline:
+        raise DiJiangError("give --baseline DIR (a softmax baseline made with `dijiang-export export-baseline "
+                           "MODEL --out DIR`) or --no-baseline to measure the DiJiang files alone")
+    data = bench(a.folders, None if a.no_baseline else a.baseline, a.out, _ints(a.lengths), _ints(a.threads),
+                 a.tokens, _split(a.formats) or None, _split(a.quant) or None, a.quick, a.force, a.bandwidth_mib,
+                 files=_split(a.files) or None, rounds=a.rounds)
+    print("\n".join(decode_table(data)))
+    print(f"wrote {a.out}/bench.json, {a.out}/report.md and its plots")
 
 
-def _add_decode_bench_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--positions", default="100,8000", help="positions reached by a real prefill")
-    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
-    p.add_argument("--threads", default="1,2", help="comma list of thread counts (0 = runtime default)")
-    p.add_argument("--tokens", type=int, default=32, help="decode calls timed per position and round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the positions (medians reported)")
+def cmd_bench(a: argparse.Namespace) -> None:
+    mode = _bench_mode(a)
+    if mode == "report":
+        _bench_report(a)
+    elif mode == "attention-forms":
+        from .benchmark.attention_forms import bench_prefill_forms
+        bench_prefill_forms(_ints(a.lengths) or ATTENTION_LENGTHS, heads=a.heads, head_dim=a.head_dim,
+                            chunk_size=a.chunk_size, threads=(_ints(a.threads) or [0])[0],
+                            parallel_limit=a.parallel_limit)
+    elif mode == "native":
+        from .benchmark.native import bench_native
+        for folder in a.folders:
+            bench_native(folder, _split(a.native), _split(a.quant) or None, a.tokens or 32, a.count_tokens,
+                         a.prompt_len, (_ints(a.threads) or [1])[0])
+    else:
+        _bench_runtimes(a)
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="the benchmark: decode/prefill time, memory and the bandwidth floor of "
+                       "DiJiang files vs the softmax KV-cache baseline (JSON, Markdown, PNG report); "
+                       "--native, --attention-forms and --report for the other measurements")
+    p.add_argument("folders", nargs="*", metavar="DIR", help="DiJiang export folder(s)")
+    p.add_argument("--baseline", nargs="+", metavar="BASEDIR", default=None,
+                   help="softmax baseline folder(s) from `dijiang-export export-baseline`")
+    p.add_argument("--no-baseline", action="store_true", help="measure the DiJiang files alone")
+    p.add_argument("--out", default="out/bench", help="report folder (bench.json, report.md, *.png)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--lengths", default=None, help="context lengths reached by a real prefill before decode is "
+                   "timed (default 128,512,2048,8192,16384; --attention-forms: prompt lengths, default "
+                   + ",".join(map(str, ATTENTION_LENGTHS)) + ")")
+    p.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2; --native: one, "
+                   "default 1; --attention-forms: one, default the runtime's)")
+    p.add_argument("--tokens", type=int, default=None, help="decode calls timed per context, median reported "
+                   "(default 32; 16 with --quick)")
+    p.add_argument("--formats", default=None, help="comma list of onnx, pte (default: all in DIR)")
+    p.add_argument("--quant", default=None, help="comma list of quantizations (default: all in DIR)")
+    p.add_argument("--files", default=None, help="time exactly the files whose paths match these comma-"
+                   "separated patterns (e.g. 'onnx/*int8*'; decode-only graphs included) instead of each "
+                   "format's and quantization's default file")
+    p.add_argument("--rounds", type=int, default=1, help="measure every file this many times, in turns, and "
+                   "report medians (side-by-side comparisons on a loaded machine)")
+    p.add_argument("--quick", action="store_true", help="contexts 128,2048, 2 threads, 16 tokens: a few minutes")
+    p.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="buffer of the bandwidth measurement (default 1024 MiB; 256 with --quick)")
+    g = p.add_argument_group("the C++ .pte runner per CPU (--native)")
+    g.add_argument("--native", nargs="?", const="x86_64,aarch64", default=None, metavar="ARCHES",
+                   help="time the C++ runner on the .pte files of DIR instead: x86 ms/token beside "
+                        "instructions per decoded token (x86_64 callgrind; aarch64 counted under qemu); "
+                        "ARCHES: comma list of x86_64, aarch64 (default both)")
+    g.add_argument("--count-tokens", type=int, default=4, help="decode calls whose instructions are counted")
+    g.add_argument("--prompt-len", type=int, default=8, help="prompt tokens before decoding")
+    g = p.add_argument_group("prefill of the chunked vs the parallel form (--attention-forms)")
+    g.add_argument("--attention-forms", action="store_true",
+                   help="time one layer's DiJiang attention prefill in both forms (no DIR)")
+    g.add_argument("--heads", type=int, default=9)
+    g.add_argument("--head-dim", type=int, default=64)
+    g.add_argument("--chunk-size", type=int, default=64)
+    g.add_argument("--parallel-limit", type=int, default=16384,
+                   help="skip the parallel form above this length (it needs T^2 memory)")
+    g = p.add_argument_group("one report from several runs (--report)")
+    g.add_argument("--report", nargs="+", metavar="JSON", default=None,
+                   help="merge these bench.json files (same --lengths) into one report in --out")
+    p.set_defaults(fn=cmd_bench)
 
 
 # -- parser -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .exporters import PARITY_TOKENS
     ap = argparse.ArgumentParser(
         prog="dijiang-export",
         description="Convert a Hugging Face causal LM to DiJiang linear attention (recurrent form, "
@@ -238,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=None,
                    help="pte: tokens per sequence the runner allows (default: the target's, else 2^20)")
     p.add_argument("--parity-tokens", type=int, default=None,
-                   help="tokens of English text each file is checked on at export (0 = skip; "
-                        "default: 2048 for onnx, 512 for pte)")
+                   help=f"tokens of English text each file is checked on at export (0 = skip; "
+                        f"default: {PARITY_TOKENS})")
     p.add_argument("--parity-text", default=None, help="English text of the parity checks: shakespeare "
                    "(default), pydoc, or a text file; recorded in manifest.json")
     p.add_argument("--calibration-text", default=None, help="English text the int8 .pte is calibrated on: "
@@ -268,26 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each runtime (0 = its default)")
     p.set_defaults(fn=cmd_check)
 
-    p = sub.add_parser("bench-attention", help="prefill time of the chunked vs the parallel form")
-    p.add_argument("--lengths", default="1024,4096,16384")
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--parallel-limit", type=int, default=16384,
-                   help="skip the parallel form above this length (it needs T^2 memory)")
-    p.set_defaults(fn=cmd_bench_attention)
-
-    p = sub.add_parser("bench-onnx", help="decode ms/token of an ONNX export at several positions")
-    p.add_argument("folder", help="an export folder with ONNX files (manifest.json)")
-    _add_decode_bench_options(p)
-    p.set_defaults(fn=cmd_bench_onnx)
-
-    p = sub.add_parser("bench-pte", help="decode ms/token of the .pte files at several positions, and sizes")
-    p.add_argument("folder", help="an export folder with .pte files (manifest.json)")
-    _add_decode_bench_options(p)
-    p.set_defaults(fn=cmd_bench_pte)
-
     p = sub.add_parser("export-baseline", help="export the original model with a softmax KV cache "
                        "(the baseline of `bench`), checked against Hugging Face")
     p.add_argument("model", help="the Hugging Face source model (folder, .gguf, or 'default')")
@@ -298,42 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(fn=cmd_export_baseline)
 
-    p = sub.add_parser("bench", help="decode/prefill time, memory and the bandwidth floor of DiJiang files "
-                       "vs the softmax KV-cache baseline; JSON, Markdown and PNG report")
-    p.add_argument("folders", nargs="+", metavar="DIR", help="DiJiang export folder(s)")
-    p.add_argument("--baseline", nargs="+", metavar="BASEDIR", default=None,
-                   help="softmax baseline folder(s) from `dijiang-export export-baseline`")
-    p.add_argument("--no-baseline", action="store_true", help="measure the DiJiang files alone")
-    p.add_argument("--out", default="out/bench", help="report folder (bench.json, report.md, *.png)")
-    p.add_argument("--lengths", default=None, help="context lengths (default 128,512,2048,8192,16384; "
-                   "more: list them)")
-    p.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2)")
-    p.add_argument("--tokens", type=int, default=None, help="decode calls timed per context, median "
-                   "reported (default 32; 16 with --quick)")
-    p.add_argument("--formats", default=None, help="comma list of onnx, pte (default: all in DIR)")
-    p.add_argument("--quant", default=None, help="comma list of quantizations (default: all in DIR)")
-    p.add_argument("--quick", action="store_true", help="contexts 128,2048, 2 threads, 16 tokens: a few minutes")
-    p.add_argument("--bandwidth-mib", type=int, default=None,
-                   help="buffer of the bandwidth measurement (default 1024 MiB; 256 with --quick)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(fn=cmd_bench)
-
-    p = sub.add_parser("bench-report", help="one report (JSON, Markdown, PNG) from several bench.json")
-    p.add_argument("json", nargs="+", help="bench.json files of `dijiang-export bench` (same --lengths)")
-    p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(fn=cmd_bench_report)
-
-    p = sub.add_parser("bench-native", help="the C++ .pte runner per CPU: x86 ms/token beside instructions "
-                                             "per decoded token (x86 callgrind; ARM64 counted under qemu)")
-    p.add_argument("folder", help="an export folder with .pte files (manifest.json)")
-    p.add_argument("--arch", default="x86_64,aarch64", help="comma list of: x86_64, aarch64 (emulated on x86)")
-    p.add_argument("--quant", default="", help="comma list of quantizations (default: all)")
-    p.add_argument("--tokens", type=int, default=32, help="decode calls timed (median reported)")
-    p.add_argument("--count-tokens", type=int, default=4, help="decode calls whose instructions are counted")
-    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens before decoding")
-    p.add_argument("--threads", type=int, default=1, help="threads of the timed runs (counts use 1)")
-    p.set_defaults(fn=cmd_bench_native)
+    _add_bench_parser(sub)
 
     from .adapt.command import add_parser as add_adapt_parser
     add_adapt_parser(sub, MODEL_HELP, _add_convert_options)

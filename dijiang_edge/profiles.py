@@ -1,5 +1,6 @@
 """Device profiles: one TOML file per target under ``export/profiles/`` (an Android
-phone, a Linux arm64 board, an x86 laptop) choosing what to export for it.
+phone, a Linux arm64 board, an x86 laptop) choosing what to export for it. An installed
+wheel carries them as package data (``shipped``), so ``--target`` works outside a checkout.
 
 A profile's values are defaults: ``dijiang-export export --target NAME`` uses them
 where no flag is given, and records the profile in the manifest (``"target"``), so
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiJiangError
+from .shipped import shipped
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "export" / "profiles"
 ARCHES = ("x86_64", "aarch64")
 FORMATS = ("onnx", "pte")
 ONNX_QUANTS = ("fp32", "int8")
@@ -60,12 +61,19 @@ class Profile:
         return d
 
 
-def available(folder: Path = PROFILE_DIR) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.toml"))
+def profile_dir() -> Path:
+    """The shipped profiles: ``export/profiles`` of a checkout, else the installed copy."""
+    return shipped("profiles")
 
 
-def load_profile(target: str, folder: Path = PROFILE_DIR) -> Profile:
-    """The profile named ``target`` (a file of ``folder``), or a path to a ``.toml`` file."""
+def available(folder: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (folder or profile_dir()).glob("*.toml"))
+
+
+def load_profile(target: str, folder: Path | None = None) -> Profile:
+    """The profile named ``target`` (a file of ``folder``, default the shipped ones), or a
+    path to a ``.toml`` file."""
+    folder = folder or profile_dir()
     p = Path(target).expanduser()
     if p.suffix == ".toml" and p.is_file():
         return parse_profile(p)

@@ -18,6 +18,7 @@ pytest.importorskip("onnxruntime")
 
 from dijiang_edge.bars import BARS  # noqa: E402
 from dijiang_edge.exporters import read_manifest  # noqa: E402
+from dijiang_edge.benchmark.instructions import instructions_per_token  # noqa: E402
 from dijiang_edge.runtime import native  # noqa: E402
 from dijiang_edge.manifest import select  # noqa: E402
 from dijiang_edge.parity import failures  # noqa: E402
@@ -86,19 +87,19 @@ def test_int8_pte_greedy_equals_x86(tiny):
 def test_arm64_instruction_count_is_stable(tiny):
     folder, _ = tiny
     pte = folder / select(read_manifest(folder), "pte", "fp32")["path"]
-    a = native.instructions_per_token(pte, "aarch64", prompt_len=4, new_tokens=3)
-    b = native.instructions_per_token(pte, "aarch64", prompt_len=4, new_tokens=3)
+    a = instructions_per_token(pte, "aarch64", prompt_len=4, new_tokens=3)
+    b = instructions_per_token(pte, "aarch64", prompt_len=4, new_tokens=3)
     assert a["method"] == "qemu-trace" and a["decode_instructions_per_token"] > 0
     assert a["decode_instructions_per_token"] == b["decode_instructions_per_token"], (a, b)
     assert a["prefill_instructions"] == b["prefill_instructions"], (a, b)
 
 
 def test_arm64_instruction_count(tiny):
-    """The cost figure bench-native reports: the decode span is found in the trace, and
+    """The cost figure `bench --native` reports: the decode span is found in the trace, and
     a decode call (1 token) costs less than a prefill of 16."""
     folder, _ = tiny
     pte = folder / select(read_manifest(folder), "pte", "fp32")["path"]
-    c = native.instructions_per_token(pte, "aarch64", prompt_len=16, new_tokens=2)
+    c = instructions_per_token(pte, "aarch64", prompt_len=16, new_tokens=2)
     assert c["method"] == "qemu-trace" and 0 < c["decode_instructions_per_token"] < c["prefill_instructions"], c
 
 

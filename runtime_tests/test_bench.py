@@ -95,7 +95,7 @@ def test_bench_writes_json_markdown_and_plots(dijiang_dir, baseline_dir, tmp_pat
     for png in ("decode_ms.png", "memory.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     merged = tmp_path / "merged"
-    assert main(["bench-report", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
+    assert main(["bench", "--report", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
     assert len(json.loads((merged / "bench.json").read_text())["runs"]) == 8 and (merged / "memory.png").exists()
     err = capfd.readouterr().err
     assert "[bench] dijiang onnx int8 thr=1 ctx=    64" in err          # the progress display
@@ -110,11 +110,55 @@ def test_bench_bad_input_is_one_clear_line(dijiang_dir, baseline_dir, tmp_path, 
          "not a softmax baseline"),
         (["bench", str(dijiang_dir), "--baseline", str(baseline_dir), "--quant", "int4"], "no DiJiang file"),
         (["export-baseline", str(dijiang_dir), "--out", str(tmp_path / "b")], "not a model folder"),
+        (["bench"], "give export folder(s) DIR"),
+        (["bench", str(dijiang_dir), "--report", str(tmp_path / "a.json")], "--report takes no DIR"),
+        (["bench", "--report", str(tmp_path / "a.json"), "--attention-forms"], "give one of --report"),
+        (["bench", "--report", str(tmp_path / "none.json"), "--out", str(tmp_path / "m")], "is not a bench.json"),
+        (["bench", str(dijiang_dir), "--no-baseline", "--lengths", "16,many"], "comma list of integers"),
+        (["bench", str(dijiang_dir), "--no-baseline", "--rounds", "0", "--out", str(tmp_path / "r0")],
+         "--rounds >= 1"),
+        (["bench", str(dijiang_dir), "--no-baseline", "--files", "onnx/nothing*"], "files=onnx/nothing*"),
     ]
     for argv, msg in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_rounds_report_the_median_of_each_round(dijiang_dir, tmp_path):
+    out = tmp_path / "rounds"
+    assert main(["bench", str(dijiang_dir), "--no-baseline", "--files", "onnx/native.onnx", "--rounds", "3",
+                 "--lengths", "8,24", "--threads", "1", "--tokens", "3", "--bandwidth-mib", "64",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    (run,) = data["runs"]
+    assert run["path"] == "onnx/native.onnx" and run["rounds"] == 3 and data["settings"]["rounds"] == 3
+    for p in run["points"]:
+        assert len(p["decode_ms_rounds"]) == 3 and p["decode_ms"] == sorted(p["decode_ms_rounds"])[1]
+    assert "3 rounds in turns" in (out / "report.md").read_text()
+
+
+def test_combine_rounds_takes_medians_and_peaks():
+    from dijiang_edge.benchmark.measure import combine_rounds
+
+    def one(ms, tps, peak):
+        return {"threads": 1, "rss_idle_bytes": 1, "rss_loaded_bytes": 2, "peak_rss_bytes": peak,
+                "points": [{"context": 8, "position": 8, "decode_ms": ms, "prefill_tokens": 8, "prefill_s": 8 / tps,
+                            "prefill_tok_s": tps, "rss_bytes": peak, "peak_rss_bytes": peak}]}
+    got = combine_rounds([one(3.0, 10.0, 5), one(1.0, 30.0, 9), one(2.0, 20.0, 7)])
+    (p,) = got["points"]
+    assert (p["decode_ms"], p["prefill_tok_s"], p["peak_rss_bytes"], got["peak_rss_bytes"]) == (2.0, 20.0, 9, 9)
+    assert p["decode_ms_rounds"] == [3.0, 1.0, 2.0] and got["rounds"] == 3
+    assert combine_rounds([one(3.0, 10.0, 5)]) == one(3.0, 10.0, 5)
+
+
+def test_attention_forms_print_both_forms(capsys):
+    assert main(["bench", "--attention-forms", "--lengths", "16,64", "--heads", "2", "--head-dim", "8",
+                 "--chunk-size", "8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in ("16", "64")]
+    assert [r[0] for r in rows] == ["16", "64"] and all(len(r) >= 4 for r in rows), out   # chunked, parallel, ratio
+    assert "64/16 tokens (x4)" in out, out
 
 
 def test_bench_names_a_missing_baseline_quant(tiny_src, dijiang_dir, tmp_path, capsys):

@@ -21,23 +21,21 @@ What it shows:
   over the whole conversation (all turns' text and the replies, as token ids, in one
   fresh forward pass), and the runner's positions add up to that conversation: it
   never re-prefills the history;
-* turn 3 decodes as fast as turn 1 (time per token within 15%, excluding prefill,
-  median over repeats, one thread) and the process memory does not grow with the
-  turns: the ``.pte`` holds a fixed-size recurrent state, not a KV cache.
+* the process memory does not grow with the turns and the file's state has the model's
+  shape: the ``.pte`` holds a fixed-size recurrent state, not a KV cache. (That decode
+  time stays flat is a timing, measured by ``dijiang-export bench``, not asserted here.)
 
 The model is ``conftest.tiny_hf("smollm2")`` with its weights scaled up (a plain
 random init repeats one token forever, which would prove little about parity) and a
 97-token byte-level BPE with SmolLM2's special tokens at SmolLM2's ids
 (``<|endoftext|>`` 0, ``<|im_start|>`` 1 = BOS, ``<|im_end|>`` 2 = EOS). The two
 end tokens' rows of its tied embedding are zeroed, so their logits are exactly 0 and
-greedy decoding never ends a reply early: every turn runs ``MAX_NEW`` tokens, a
-fixed amount of decode work to time.
+greedy decoding never ends a reply early: every turn runs ``MAX_NEW`` tokens.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,9 +66,8 @@ def user_turn(message: str) -> str:
 
 
 MESSAGES = ["hello there, who are you", "tell me a story about the sea", "and what happened next"]
-MAX_NEW = 128          # tokens per turn: enough decode steps for a stable per-token median
-REPEATS = 7            # timed conversations (after one untimed warm-up conversation)
-BAR = BARS["decode_flat"]   # issue 8: turn 3's time per token within 15% of turn 1's
+MAX_NEW = 128          # tokens per turn
+REPEATS = 3            # conversations after the first, each from a reset runner
 SEED, SCALE = 0, 3.0   # a random model that answers with varied tokens, none of them EOS
 
 
@@ -79,12 +76,7 @@ class Turn:
     fed: str
     pieces: list[str]
     stats: dict
-    gaps_ns: list[int]           # time between consecutive reply pieces: decode steps only
     rss_kb: int
-
-    @property
-    def ns_per_token(self) -> float:
-        return statistics.median(self.gaps_ns)
 
 
 @dataclass
@@ -107,23 +99,16 @@ class ChatSession:
     def send(self, message: str, max_new_tokens: int) -> Turn:
         text = self.text_for(message)
         pieces: list[str] = []
-        stamps: list[int] = []
         stats: list = []
-
-        def on_piece(p: str) -> None:
-            stamps.append(time.perf_counter_ns())
-            pieces.append(p)
-
         cfg = llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0)
-        self.runner.generate(text, cfg, token_callback=on_piece, stats_callback=stats.append)
+        self.runner.generate(text, cfg, token_callback=pieces.append, stats_callback=stats.append)
         s = stats[-1]
-        st = {"prompt_tokens": s.num_prompt_tokens, "generated_tokens": s.num_generated_tokens,
-              "decode_ms": s.inference_end_ms - s.first_token_ms}
+        st = {"prompt_tokens": s.num_prompt_tokens, "generated_tokens": s.num_generated_tokens}
         # ChatSession.kt: position += prompt_tokens + generated_tokens (the runner's own pos)
         self.position += st["prompt_tokens"] + st["generated_tokens"]
         ended_on_eos = any(e in pieces[-1] for e in self.eos_texts if e)
         self.owed = CLOSE_REPLY if ended_on_eos else pieces[-1] + CLOSE_REPLY
-        turn = Turn(text, pieces, st, [b - a for a, b in zip(stamps, stamps[1:])], _rss_kb())
+        turn = Turn(text, pieces, st, _rss_kb())
         self.turns.append(turn)
         return turn
 
@@ -189,8 +174,8 @@ def tiny_model(tiny_src):
 
 @pytest.fixture(scope="module")
 def chats(tiny_export):
-    """One warm-up conversation, then REPEATS timed ones, each from a reset runner;
-    within a conversation the runner is never reset."""
+    """One conversation, then REPEATS more, each from a reset runner; within a
+    conversation the runner is never reset."""
     from dijiang_edge.tokenizer import load_tokenizer
     tok = load_tokenizer(tiny_export)
     runner = llm.TextLLMRunner(str(tiny_export / "model_fp32.pte"), str(tiny_export / "tokenizer.json"))
@@ -254,28 +239,16 @@ def test_three_turns_equal_pytorch_on_the_whole_conversation(chats, tiny_model):
 
 
 def test_repeats_are_identical(chats):
-    _, (first, pos), timed = chats
-    for turns, p in timed:
+    _, (first, pos), repeats = chats
+    for turns, p in repeats:
         assert [t.pieces for t in turns] == [t.pieces for t in first] and p == pos
 
 
-def test_turn3_decodes_as_fast_as_turn1_with_fixed_memory(chats, tiny_export, tiny_model):
-    _, _, timed = chats
-    # The least-disturbed conversation's figure per turn: on a shared 2-core machine a load
-    # spike only ever adds time, so the minimum over repeats estimates the intrinsic cost.
-    per_tok = [min(turns[k].ns_per_token for turns, _ in timed) for k in range(3)]
-    stats_ms = [sum(turns[k].stats["decode_ms"] for turns, _ in timed) /
-                sum(turns[k].stats["generated_tokens"] for turns, _ in timed) for k in range(3)]
-    print(f"\nper-token decode, best of {REPEATS} conversations (each the median of {MAX_NEW - 1} steps): "
-          + ", ".join(f"turn {k + 1} {per_tok[k] / 1e3:.1f} us" for k in range(3))
-          + f" (turn3/turn1 {per_tok[2] / per_tok[0]:.3f}); runner stats: "
-          + ", ".join(f"{ms * 1e3:.0f} us" for ms in stats_ms))
-    assert abs(per_tok[2] / per_tok[0] - 1) <= BAR, per_tok
-
-    # Fixed-size state: the file's state is n_layers buffers of a shape set by the model,
-    # not by the context length; and the process does not grow from turn 1 to turn 3.
+def test_state_and_memory_stay_fixed_across_turns(chats, tiny_export, tiny_model):
+    """Fixed-size state: the file's state is n_layers buffers of a shape set by the model,
+    not by the context length; and the process does not grow from turn 1 to turn 3."""
+    _, _, repeats = chats
     entry = read_manifest(tiny_export)["files"][0]
     assert [s["shape"] for s in entry["state"]] == [list(tiny_model.state_shape(1))] * 2
-    growth = [turns[2].rss_kb - turns[0].rss_kb for turns, _ in timed]
-    print(f"RSS growth turn 1 -> turn 3: {growth} KiB")
+    growth = [turns[2].rss_kb - turns[0].rss_kb for turns, _ in repeats]
     assert statistics.median(growth) <= 256, growth

@@ -22,6 +22,7 @@ from dijiang_edge.bars import BARS  # noqa: E402
 from dijiang_edge.exporters import read_manifest  # noqa: E402
 from dijiang_edge.manifest import select  # noqa: E402
 from dijiang_edge.runtime import native  # noqa: E402
+from dijiang_edge.benchmark.instructions import instructions_per_token  # noqa: E402
 from dijiang_edge.runtime.executorch import PteRunner  # noqa: E402
 from native_models import MAX_SEQ, rel, text_prompt, tiny_export, torch_greedy  # noqa: E402
 
@@ -83,12 +84,12 @@ def test_runner_prints_tokens_and_timings(tiny):
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_instruction_count_is_stable(tiny):
     folder, _ = tiny
-    a = native.instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=4, new_tokens=3)
-    b = native.instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=4, new_tokens=3)
+    a = instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=4, new_tokens=3)
+    b = instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=4, new_tokens=3)
     assert a["method"] == "callgrind" and a["decode_instructions_per_token"] > 0
     # deterministic up to allocator noise; a prefill of 16 tokens costs more than one of 4
     assert abs(a["decode_instructions_per_token"] / b["decode_instructions_per_token"] - 1) < 0.01
-    c = native.instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=16, new_tokens=2)
+    c = instructions_per_token(_pte(folder, "fp32"), "x86_64", prompt_len=16, new_tokens=2)
     assert c["prefill_instructions"] > a["prefill_instructions"]
 
 
@@ -134,7 +135,7 @@ def test_missing_or_mismatched_runtime_library(tiny, tmp_path):
     p = subprocess.run([str(lone / "pte_runner"), str(_pte(folder, "fp32")), "--prompt", "1"],
                        capture_output=True, text=True)
     assert p.returncode != 0
-    err = native._fail("running", "x86_64", p)
+    err = native.failure("running", "x86_64", p)
     assert "runtime library is missing" in str(err) and "libexecutorch" in str(err)
     for f in exe.parent.glob("*.so"):                           # a libexecutorch.so of another build
         shutil.copy(f, lone / f.name)
@@ -142,13 +143,13 @@ def test_missing_or_mismatched_runtime_library(tiny, tmp_path):
     p = subprocess.run([str(lone / "pte_runner"), str(_pte(folder, "fp32")), "--prompt", "1"],
                        capture_output=True, text=True)
     assert p.returncode != 0
-    assert "do not match" in str(native._fail("running", "x86_64", p))
+    assert "do not match" in str(native.failure("running", "x86_64", p))
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_cli_bench_native(tiny, capsys):
     folder, _ = tiny
-    assert main(["bench-native", str(folder), "--arch", "x86_64", "--tokens", "8", "--count-tokens", "2"]) == 0
+    assert main(["bench", str(folder), "--native", "x86_64", "--tokens", "8", "--count-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "model_fp32.pte" in out and "model_int8.pte" in out and "instr/token" in out
-    assert main(["bench-native", str(folder), "--arch", "sparc"]) == 2
+    assert main(["bench", str(folder), "--native", "sparc"]) == 2

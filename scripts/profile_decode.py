@@ -50,11 +50,10 @@ def profile(folder: str, path: str, context: int, threads: int, steps: int) -> d
 
 def matmuls_only_ms(folder: str, path: str, threads: int, calls: int = 200) -> tuple[int, float]:
     """(number of MatMulNBits, median ms of one pass through all of them, one token)."""
-    import statistics
-    import time
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
+    from dijiang_edge.benchmark.timing import median_ms
     mp = onnx.load(str(Path(folder) / path))
     inits = {t.name: t for t in mp.graph.initializer}
     mms = [n for n in mp.graph.node if n.op_type == "MatMulNBits"]
@@ -76,12 +75,7 @@ def matmuls_only_ms(folder: str, path: str, threads: int, calls: int = 200) -> t
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {"x": np.random.default_rng(0).standard_normal((1, 1, width)).astype(np.float32) * 0.1}
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return len(mms), statistics.median(times[calls // 10:]) * 1e3
+    return len(mms), median_ms(lambda: sess.run(None, feed), calls, warmup=calls // 10)
 
 
 def main() -> None:

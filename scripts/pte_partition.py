@@ -11,7 +11,6 @@ median decode ms/token (2 threads, after a 128-token prefill).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import dijiang_edge
+    from dijiang_edge.benchmark.timing import median_ms
     from dijiang_edge.exporters import executorch as ex
     from executorch.extension.pybindings import portable_lib
 
@@ -49,12 +49,9 @@ def main() -> None:
         portable_lib._unsafe_reset_threadpool(a.threads)
         m = portable_lib._load_for_executorch(str(path))
         m.forward((torch.arange(3, 131)[None], torch.tensor([0])))
-        times = []
-        for i in range(40):
-            t = time.perf_counter()
-            m.forward((torch.tensor([[5]]), torch.tensor([128 + i])))
-            times.append(time.perf_counter() - t)
-    print(f"{a.configs}: decode {statistics.median(times[4:]) * 1e3:.2f} ms/token "
+        pos = iter(range(128, 128 + 40))
+        ms = median_ms(lambda: m.forward((torch.tensor([[5]]), torch.tensor([next(pos)]))), 36, warmup=4)
+    print(f"{a.configs}: decode {ms:.2f} ms/token "
           f"({a.layers} layers, {a.threads} threads)")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tools for the ARM64 tier of runtime_tests and `dijiang-export bench-native --arch aarch64`
+# Tools for the ARM64 tier of runtime_tests and `dijiang-export bench DIR --native aarch64`
 # (docs/arm64.md), on Debian 12 x86_64 as root.  Idempotent and quiet when done.
 #
 #   qemu-user 10 from bookworm-backports   Debian 12's qemu 7.2 crashes onnxruntime and

@@ -20,7 +20,7 @@ def _run(capsys, *argv):
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "dijiang_edge.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("convert", "generate", "export", "bench-attention"):
+    for cmd in ("convert", "generate", "export", "check", "bench"):
         assert cmd in out.stdout
 
 
@@ -63,3 +63,17 @@ def test_convert_then_generate_and_refuse_existing_out(capsys, tmp_path):
     code = main(["generate", str(out), "--prompt", "w5 w6 w7", "--max-new-tokens", "5"])
     captured = capsys.readouterr()
     assert code == 0 and "5 tokens" in captured.err and captured.out.startswith("w5 w6 w7")
+
+
+def test_parity_tokens_help_states_the_exporters_default():
+    """``export --help`` names the parity length each exporter really uses (it once said
+    512 for .pte while the code used 2048)."""
+    import inspect
+    import re
+    from dijiang_edge.cli import build_parser
+    from dijiang_edge.exporters import executorch, onnx
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd").choices["export"]
+    text = next(a for a in sub._actions if a.dest == "parity_tokens").help
+    said = {int(n) for n in re.findall(r"\d+", text.split("default:", 1)[1])}
+    used = {inspect.signature(m.export).parameters["parity_tokens"].default for m in (onnx, executorch)}
+    assert said == used, (text, used)

@@ -148,9 +148,24 @@ def test_generate_greedy_matches_argmax_loop(hf_models):
     assert torch.equal(out, seq)
 
 
-def test_sampling_is_seeded(hf_models):
+def test_sampling_is_seeded_and_honours_temperature_and_top_k(hf_models):
+    """Seeded sampling repeats; and each knob acts: a temperature near 0 is greedy while a
+    high one is not, top-k 1 is greedy at any temperature, and top-k k keeps every sampled
+    token among the model's k best (a sampler ignoring either knob fails here)."""
     model = dijiang_edge.convert(hf_models["llama"])
     ids = _ids(4)
-    a, _ = dijiang_edge.generate(model, ids, 10, temperature=1.0, top_k=20, seed=3, eos_ids=[])
-    b, _ = dijiang_edge.generate(model, ids, 10, temperature=1.0, top_k=20, seed=3, eos_ids=[])
-    assert torch.equal(a, b)
+
+    def run(**kw) -> list[int]:
+        return dijiang_edge.generate(model, ids, 12, eos_ids=[], **kw)[0][0, 4:].tolist()
+
+    greedy = run()
+    hot = run(temperature=100.0, seed=3)
+    assert hot == run(temperature=100.0, seed=3) and hot != run(temperature=100.0, seed=4)
+    assert hot != greedy and run(temperature=1e-5, seed=3) == greedy
+    assert run(temperature=100.0, top_k=1, seed=3) == greedy
+    k = 3
+    toks = run(temperature=100.0, top_k=k, seed=5)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[0].tolist() + toks]))[0][0, 3:-1]     # the logits each token came from
+    assert all(t in row.topk(k).indices.tolist() for t, row in zip(toks, logits)), toks
+    assert len(set(toks)) > 1                                                   # sampled, not greedy

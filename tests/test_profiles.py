@@ -4,11 +4,13 @@ the targets, or the file and the field."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dijiang_edge.cli import main
 from dijiang_edge.errors import DiJiangError
-from dijiang_edge.profiles import ARCHES, PROFILE_DIR, available, load_profile
+from dijiang_edge.profiles import ARCHES, available, load_profile
 
 GOOD = """description = "a test board"
 arch = "aarch64"
@@ -82,5 +84,20 @@ def test_not_toml_is_a_clear_error(tmp_path):
         load_profile("broken", folder=tmp_path)
 
 
-def test_profile_dir_is_in_the_repository():
-    assert PROFILE_DIR.name == "profiles" and PROFILE_DIR.parent.name == "export"
+def test_outside_a_checkout_the_installed_copy_is_used(tmp_path, monkeypatch):
+    """A wheel install has no export/ beside the package: ``--target`` then reads the copy
+    the wheel carries (dijiang_edge/_export/profiles), and the runner's sources likewise."""
+    from dijiang_edge import shipped
+    from dijiang_edge.runtime.native import tools
+    repo = shipped.CHECKOUT
+    assert load_profile("android-arm64").path == str(repo / "export" / "profiles" / "android-arm64.toml")
+    installed = tmp_path / "site" / "dijiang_edge"
+    (installed / "_export" / "profiles").mkdir(parents=True)
+    (installed / "_export" / "profiles" / "board.toml").write_text(GOOD)
+    monkeypatch.setattr(shipped, "CHECKOUT", tmp_path / "site")          # no pyproject.toml, no export/
+    monkeypatch.setattr(shipped, "files", lambda pkg: installed)
+    assert available() == ["board"] and load_profile("board").arch == "aarch64"
+    assert tools.runner_source() == installed / "_export" / "runner"
+    assert "missing from this install" in tools.missing_tools("x86_64")
+    monkeypatch.delenv("DIJIANG_RUNNER_BUILD", raising=False)
+    assert tools.build_dir("x86_64") == Path.home() / ".cache" / "dijiang_edge" / "runner" / "x86_64"

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from .timing import best_s
 
 
 def bandwidth(threads: int = 1, mib: int = 1024, repeats: int = 5) -> float:
@@ -26,13 +27,8 @@ def bandwidth(threads: int = 1, mib: int = 1024, repeats: int = 5) -> float:
     lower on this machine, i.e. compute-bound, which would make the floor too lenient."""
     a = np.ones(mib * 2**20 // 4, np.float32)
     parts = np.array_split(a, threads)
-    best = float("inf")
     with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(np.max, parts))
-            best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
+        return a.nbytes / best_s(lambda: list(pool.map(np.max, parts)), repeats)
 
 
 def machine() -> dict:

@@ -2,27 +2,24 @@
 
 A fresh process per (file, threads) makes the peak RSS honest (nothing of an earlier
 run stays mapped) and isolates the runtimes' thread pools.  The sequence grows once:
-prefill (timed) up to each length, then decode calls there (timed with the one loop
-every runtime uses, ``runtime.median_decode_ms``), then on to the next length, so the
-whole context range costs one prefill of the longest length.
+prefill (timed) up to each length, then decode calls there (both timed by ``timing``,
+the one loop of the project), then on to the next length, so the whole context range
+costs one prefill of the longest length.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DiJiangError
-
-WARMUP_TOKENS = 4
-PREFILL_CALL = 512      # tokens per forward call in prefill: the logits of a whole 16k prompt
-                        # (16k x vocab floats, 3 GB for SmolLM2) would swamp the memory figures
+from .timing import WARMUP_TOKENS, decode_ms, prefill_s as timed_prefill
 
 
 def rss_bytes() -> tuple[int, int]:
@@ -48,7 +45,7 @@ def measure(folder: str, path: str, threads: int, lengths: list[int], tokens: in
             label: str = "") -> dict:
     """Prefill to each of ``lengths`` in turn, timing prefill and ``tokens`` decode calls there."""
     from ..manifest import read as read_manifest
-    from ..runtime import median_decode_ms, open_entry
+    from ..runtime import open_entry
     manifest = read_manifest(folder)
     entry = next((f for f in manifest["files"] if f["path"] == path), None)
     if entry is None:
@@ -65,15 +62,10 @@ def measure(folder: str, path: str, threads: int, lengths: list[int], tokens: in
     for n in lengths:
         todo = n - runner.pos
         if todo > 0:
-            prompt = ids(todo)
-            t0 = time.perf_counter()
-            for i in range(0, todo, PREFILL_CALL):      # logits of one call at a time, as a runner keeps
-                runner.forward(prompt[:, i:i + PREFILL_CALL])
-            prefill_s += time.perf_counter() - t0
+            prefill_s += timed_prefill(runner, ids(todo))
             prefilled += todo
         at = runner.pos
-        median_decode_ms(runner, WARMUP_TOKENS)
-        ms = median_decode_ms(runner, tokens)
+        ms = decode_ms(runner, tokens, WARMUP_TOKENS)
         rss, peak = rss_bytes()
         points.append({"context": n, "position": at, "decode_ms": ms,
                        "prefill_tokens": prefilled, "prefill_s": prefill_s,
@@ -83,6 +75,25 @@ def measure(folder: str, path: str, threads: int, lengths: list[int], tokens: in
                  f"{prefilled / max(prefill_s, 1e-9):8.1f} tok/s, peak RSS {peak / 2**20:7.0f} MiB")
     return {"threads": threads, "rss_idle_bytes": idle, "rss_loaded_bytes": loaded,
             "peak_rss_bytes": rss_bytes()[1], "points": points}
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One result from repeated ``measure`` runs of one file: the median decode ms and
+    prefill rate of each context (each round's figures kept beside them), the largest
+    memory figures (the peak is a peak)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    points = []
+    for same in zip(*(r["points"] for r in rounds)):
+        ms = [p["decode_ms"] for p in same]
+        tps = [p["prefill_tok_s"] for p in same if p["prefill_tok_s"] is not None]
+        points.append({**same[0], "decode_ms": statistics.median(ms), "decode_ms_rounds": ms,
+                       "prefill_s": statistics.median(p["prefill_s"] for p in same),
+                       "prefill_tok_s": statistics.median(tps) if tps else None,
+                       "rss_bytes": max(p["rss_bytes"] for p in same),
+                       "peak_rss_bytes": max(p["peak_rss_bytes"] for p in same)})
+    return {**rounds[0], "points": points, "rounds": len(rounds),
+            **{k: max(r[k] for r in rounds) for k in ("rss_idle_bytes", "rss_loaded_bytes", "peak_rss_bytes")}}
 
 
 def in_subprocess(folder: str, path: str, threads: int, lengths: list[int], tokens: int,

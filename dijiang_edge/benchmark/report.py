@@ -20,6 +20,11 @@ def pairs(data: dict) -> list[tuple[dict, dict | None]]:
     return [(r, soft.get(_key(r))) for r in data["runs"] if r["attention"] != "softmax"]
 
 
+def _who(run: dict, data: dict) -> str:
+    """The attention kind, and the file when ``--files`` chose several per quantization."""
+    return f"{run['attention']} `{run['path']}`" if data["settings"].get("files") else run["attention"]
+
+
 def _ms(run: dict) -> dict[int, float]:
     return {p["context"]: p["decode_ms"] for p in run["points"]}
 
@@ -36,7 +41,7 @@ def decode_table(data: dict) -> list[str]:
     for d, s in pairs(data):
         for r in (d, s) if s else (d,):
             ms = _ms(r)
-            rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {r['attention']} | "
+            rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {_who(r, data)} | "
                         + " | ".join(_fmt(ms.get(n), ".2f") for n in lengths)
                         + f" | {_fmt(ms[lengths[-1]] / ms[lengths[0]] if lengths[-1] in ms else None, '.2f')} |")
         if s:
@@ -121,7 +126,8 @@ def markdown(data: dict) -> str:
         f"start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. onnxruntime {m['onnxruntime']}"
         + (f", executorch {m['executorch']}" if "executorch" in m else "") + f". Read bandwidth: {bw}.",
         f"Decode: median of {st['tokens']} single-token calls (after {st['warmup']} warm-up) at each context, "
-        f"reached by a real prefill; one fresh process per file and thread count.",
+        f"reached by a real prefill; one fresh process per file and thread count"
+        + (f", {st['rounds']} rounds in turns (medians)." if st.get("rounds", 1) > 1 else "."),
         "", "**Decode ms/token** (lower is better; speed-up = softmax / DiJiang)", "", *decode_table(data),
         "", "**Prefill tokens/s** (cumulative over the prefill up to each context)", "", *prefill_table(data),
         "", "**Memory** (state or KV cache: computed from the shapes, fp32; peak RSS: measured, whole process "
@@ -132,8 +138,14 @@ def markdown(data: dict) -> str:
 
 
 def plots(data: dict, out: Path) -> list[str]:
-    """``decode_ms.png`` (per format/quant) and ``memory.png``; returns the names written."""
-    import matplotlib
+    """``decode_ms.png`` (per format/quant) and ``memory.png``; returns the names written
+    (none without matplotlib: the JSON and the Markdown carry every figure)."""
+    try:
+        import matplotlib
+    except ImportError:
+        from .measure import progress
+        progress("matplotlib is not installed (pip install 'dijiang-edge[bench]'): no PNG plots")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = sorted({(r["format"], r["quant"]) for r in data["runs"]})

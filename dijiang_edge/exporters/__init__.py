@@ -24,6 +24,7 @@ from ..manifest import read as read_manifest  # noqa: F401  (the exporters' read
 
 MANIFEST = M.NAME
 PARITY_TEXT, CALIBRATION_TEXT = "shakespeare", "pydoc"
+PARITY_TOKENS = 2048     # tokens of real text each exported file is checked on at export (every format)
 FORMATS = {"onnx": "onnx", "pte": "executorch"}     # --formats name -> module
 
 

@@ -222,6 +222,8 @@ def export_graph(wrapper: RecurrentLM, max_seq_len: int) -> torch.export.Exporte
 # Lowering and writing the .pte
 # ----------------------------------------------------------------------------
 
+from . import PARITY_TOKENS  # noqa: E402  (the export-time parity length every format shares)
+
 def runner_metadata(model: nn.Module, max_seq_len: int, max_context_len: int) -> dict[str, Any]:
     """The constant methods the ExecuTorch LLM runner reads (``llm_runner_helper``)."""
     a = model.args
@@ -364,7 +366,7 @@ def check(model: nn.Module, out_dir: Path, entry, tokens: int, text: str, memo=N
 
 
 def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
-           max_context_len: int = MAX_CONTEXT_LEN, parity_tokens: int = 2048, parity_text: str = "shakespeare",
+           max_context_len: int = MAX_CONTEXT_LEN, parity_tokens: int = PARITY_TOKENS, parity_text: str = "shakespeare",
            calibration_text: str = "pydoc", memo=None) -> list:
     """Write ``model_<quant>.pte`` into ``out_dir``; returns its manifest entry.
 

@@ -24,12 +24,11 @@ from typing import Iterator
 
 from .. import manifest as M
 from ..errors import DiJiangError
-from . import PARITY_TEXT, Memo, memo_for, onnx_files, onnx_graph
+from . import PARITY_TEXT, PARITY_TOKENS, Memo, memo_for, onnx_files, onnx_graph
 
 FILES = {"block": ("prefill", "prefill", "plain"), "step": ("decode", "decode", "plain"),
          "native": ("native", "both", "native")}
 DEFAULT = ("native", "block", "step")    # the first of these exported is the runner's default
-PARITY_TOKENS = 2048
 
 
 @contextlib.contextmanager

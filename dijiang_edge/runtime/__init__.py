@@ -12,8 +12,6 @@ Each format module provides ``open(folder, entry, threads) -> Runner``.
 
 from __future__ import annotations
 
-import sys
-import time
 from importlib import import_module
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -76,39 +74,3 @@ def stream_ids(runner: Runner, prompt: list[int], max_new_tokens: int, eos_ids: 
             return
         logits = runner.forward(np.asarray([[tok]], dtype=np.int64))[0, -1]
 
-
-def median_decode_ms(runner: Runner, tokens: int) -> float:
-    """Median ms of one single-token call from the runner's current state, feeding
-    back the greedy token (the benchmarks of every runtime time decode this way)."""
-    tok = np.array([[1]], np.int64)
-    times = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        logits = runner.forward(tok)
-        times.append(time.perf_counter() - t0)
-        tok = logits[:, -1:].argmax(-1).astype(np.int64)
-    return 1000 * float(np.median(times))
-
-
-def run_export_generate(a) -> None:
-    """``dijiang-export generate DIR``: stream a continuation, then report tokens/s."""
-    from ..tokenizer import load_tokenizer
-    manifest = M.read(a.model)
-    runner = open_export(a.model, a.format, a.quant, a.threads)
-    tok = load_tokenizer(a.model)
-    prompt = tok.encode(a.prompt).ids
-    eos = manifest.model.eos_ids
-    print(a.prompt, end="", flush=True)
-    out: list[int] = []
-    t0 = time.perf_counter()
-    t_first = None
-    for t in stream_ids(runner, prompt, a.max_new_tokens, eos, a.temperature, a.top_k, a.seed):
-        t_first = t_first or time.perf_counter()
-        out.append(t)
-        print(tok.decode(out)[len(tok.decode(out[:-1])):], end="", flush=True)
-    t1 = time.perf_counter()
-    n = len(out)
-    rate = (n - 1) / (t1 - t_first) if n > 1 and t_first else float("nan")
-    e = runner.entry
-    print(f"\n[{n} tokens; prefill {len(prompt)} tokens in {(t_first or t1) - t0:.2f}s; "
-          f"decode {rate:.1f} tokens/s; {e['format']} {e['quant']}]", file=sys.stderr)

@@ -1,14 +1,12 @@
-"""``dijiang-export bench-attention``: prefill cost of the chunked form vs the parallel
-(quadratic) form of DiJiang attention, one layer's shapes, side by side in one run."""
+"""``dijiang-export bench --attention-forms``: prefill cost of the chunked form vs the
+parallel (quadratic) form of DiJiang attention, one layer's shapes, side by side in one run."""
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
-from . import attention as A
+from .. import attention as A
+from .timing import median_ms
 
 BYTES_PER_PAIR = 28   # parallel form: float64 log-gate differences and decay, float32 scores, per (i, j)
 
@@ -24,13 +22,8 @@ def _inputs(t: int, heads: int, d: int):
 
 
 def _time(fn, repeats: int) -> float:
-    fn()                                                   # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn`` after one warm-up call."""
+    return median_ms(fn, repeats, warmup=1) / 1000
 
 
 def _available_bytes() -> int:
