@@ -276,7 +276,8 @@ def load_source(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     if p.is_file():
         if p.suffix != ".gguf":
             raise DiJiangError(f"{p} is a file but not a .gguf; give a model folder or a .gguf file")
-        source.update(format="gguf", sha256=file_sha256(p))
+        from .manifest import sha256
+        source.update(format="gguf", sha256=sha256(p))
         try:
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                          dtype=torch.float32, local_files_only=True)
@@ -298,15 +299,6 @@ def load_source(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     except Exception as e:
         raise DiJiangError(f"could not load the model in {p} ({type(e).__name__}: {str(e)[:200]})") from None
     return model, source
-
-
-def file_sha256(p: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:

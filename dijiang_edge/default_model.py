@@ -55,8 +55,8 @@ def default_source_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    from .conversion import file_sha256
-    (tmp / "SOURCE").write_text(f"{GGUF_NAME} sha256={file_sha256(g)}\n")
+    from .manifest import sha256
+    (tmp / "SOURCE").write_text(f"{GGUF_NAME} sha256={sha256(g)}\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)                      # atomic: a killed run leaves no half cache
     return out

@@ -32,6 +32,14 @@ class Runner(Protocol):
     def forward(self, ids: np.ndarray) -> np.ndarray: ...
 
 
+def input_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as the contiguous int64 ``[batch, seq > 0]`` array every runner feeds."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise DiJiangError(f"input ids must have shape [batch, seq>0], got {list(ids.shape)}")
+    return ids
+
+
 def open_export(folder: str | Path, format: str | None = None, quant: str | None = None,
                 threads: int = 0) -> Runner:
     """The runner of ``folder``'s default file of ``format``/``quant`` (``manifest.select``)."""

@@ -45,9 +45,8 @@ class KvOnnxRunner:
         return out[0]
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise DiJiangError(f"input ids must have shape [batch, seq>0], got {list(ids.shape)}")
+        from . import input_ids
+        ids = input_ids(ids)
         if self.pos == 0 and ids.shape[0] != self.cache[0].shape[0]:
             self.reset(ids.shape[0])
         parts = [self._run(ids[:, i:i + self.block]) for i in range(0, ids.shape[1], self.block)]

@@ -82,9 +82,8 @@ class OnnxRunner:
         return out[0]
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise DiJiangError(f"input ids must have shape [batch, seq>0], got {list(ids.shape)}")
+        from . import input_ids
+        ids = input_ids(ids)
         if self.pos == 0 and ids.shape[0] != self.state[0].shape[0]:
             self.reset(ids.shape[0])
         if ids.shape[1] == 1:
