@@ -45,9 +45,10 @@ def _add_convert_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_convert(a: argparse.Namespace) -> None:
     from .conversion import convert
-    from .exporters import staged_dir, tokenizer_source
+    from .exporters import check_out, staged_dir, tokenizer_source
     from .tokenizer import save_tokenizer
     t0 = time.time()
+    check_out(a.out, a.force)
     model = convert(a.model, **_convert_options(a))
     with staged_dir(a.out, a.force) as tmp:
         model.save_pretrained(tmp)

@@ -227,6 +227,28 @@ def test_existing_out_refused_without_force(tiny_src, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("cmd", ["convert", "export"])
+def test_force_replaces_only_what_the_tool_made(cmd, tiny_src, tmp_path, capsys):
+    """``--force`` on a folder of the user's own (or a symlink to one) is refused and
+    leaves it as it was; on a folder this tool made, it replaces it."""
+    args = lambda out: [cmd, str(tiny_src), "--out", str(out), "--force"] + \
+        (["--formats", "onnx", "--parity-tokens", "0"] if cmd == "export" else [])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(mine, target_is_directory=True)
+    for out in (mine, link):
+        assert main(args(out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not made by dijiang-export" in err[0], err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine"]
+    made = tmp_path / "made"
+    assert main(args(made)) == 0 and main(args(made)) == 0      # the second run replaces the first
+    assert (made / ".dijiang-export").is_file()
+
+
 def test_failing_export_leaves_no_folder(tiny_src, tmp_path, monkeypatch):
     from dijiang_edge.exporters import onnx_files
 

@@ -58,8 +58,8 @@ class Adaptation:
         self.cfg, self.out, self.force, self.resume = cfg, Path(out), force, resume
         self.keep_checkpoint, self.notes, self.on_step = keep_checkpoint, notes, on_step
         self.data = [str(d) for d in data]
-        if self.out.exists() and not force:
-            raise DiJiangError(f"{self.out} already exists; choose another --out or pass --force to replace it")
+        from ..exporters import check_out
+        check_out(self.out, force)
         text = load_corpus(data, cfg.max_chars)          # bad text fails before any model loads
         from accelerate import Accelerator
         # without a GPU, cpu=True is what lets `accelerate launch` form a gloo process group

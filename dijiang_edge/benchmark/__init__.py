@@ -133,15 +133,14 @@ def bench(folders: list[str | Path], baselines: list[str | Path] | None = None, 
           force: bool = False, bandwidth_mib: int | None = None, files: list[str] | None = None,
           rounds: int = 1) -> dict:
     """Measure, then write ``out/bench.json``, ``out/report.md``, ``out/*.png``; returns the JSON."""
-    from ..exporters import staged_dir
+    from ..exporters import check_out, staged_dir
     st = {"lengths": sorted(lengths or (QUICK_LENGTHS if quick else LENGTHS)),
           "threads": threads or ([2] if quick else THREADS), "tokens": tokens or (16 if quick else 32),
           "warmup": WARMUP_TOKENS, "rounds": rounds, "quick": quick, "files": files or None}
     if st["tokens"] < 1 or rounds < 1 or not st["lengths"] or st["lengths"][0] < 1:
         raise DiJiangError("need --tokens >= 1, --rounds >= 1 and positive --lengths")
     dijiang, softmax = _select(folders, baselines, formats, quants, files)
-    if Path(out).exists() and not force:
-        raise DiJiangError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_out(out, force)
     progress(f"{len(dijiang) + len(softmax)} file(s) x {len(st['threads'])} thread count(s), "
              f"contexts {st['lengths']}" + (f", {rounds} rounds" if rounds > 1 else ""))
     bw = {}

@@ -26,21 +26,37 @@ MANIFEST = M.NAME
 PARITY_TEXT, CALIBRATION_TEXT = "shakespeare", "pydoc"
 PARITY_TOKENS = 2048     # tokens of real text each exported file is checked on at export (every format)
 FORMATS = {"onnx": "onnx", "pte": "executorch"}     # --formats name -> module
+MADE_BY = ".dijiang-export"   # in every folder this tool makes: what --force may replace
+
+
+def check_out(out: str | Path, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``, and even then unless it is a folder
+    this tool made (it holds ``MADE_BY``, which every folder made here gets): ``--force``
+    never deletes a user's own files.  Commands call it before their expensive work;
+    ``staged_dir`` calls it again at the end."""
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise DiJiangError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.is_symlink() or not (out / MADE_BY).is_file():
+        raise DiJiangError(f"{out} was not made by dijiang-export (no {MADE_BY} in it), so --force will "
+                           f"not delete it; choose another --out or remove it yourself")
 
 
 @contextlib.contextmanager
 def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a scratch folder that becomes ``out`` only if the block succeeds.
 
-    An existing ``out`` is refused unless ``force``; a failure half-way leaves no
-    half-written ``out`` behind (the scratch folder is removed).
+    ``out`` is checked by ``check_out``; a failure half-way leaves no half-written
+    ``out`` behind (the scratch folder is removed).
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise DiJiangError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_out(out, force)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    (tmp / MADE_BY).write_text("made by dijiang-export; `--force` may replace this folder\n")
     try:
         yield tmp
     except BaseException:
@@ -134,6 +150,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     if "pte" in exporters and any(import_module(".executorch", __name__).parse_quant(q)[0] for q in quants):
         check_texts(parity_text, calibration_text)         # int8 .pte files calibrate: before any work
     routed = route_options(exporters, {**opts, "parity_text": parity_text, "calibration_text": calibration_text})
+    check_out(out, force)
     model = convert(model_src, **(convert_options or {}))
     memo = Memo(model)
     with staged_dir(out, force) as tmp:

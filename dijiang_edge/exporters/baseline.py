@@ -142,7 +142,7 @@ def export_baseline(model_src: str, out: str | Path, formats: list[str], quants:
     """Export the softmax KV-cache baseline of ``model_src`` into ``out`` (manifest with
     ``"attention": "softmax"`` files); each file checked against the HF model."""
     from importlib import import_module
-    from . import route_options, staged_dir
+    from . import check_out, route_options, staged_dir
     from ..tokenizer import save_tokenizer
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -152,6 +152,7 @@ def export_baseline(model_src: str, out: str | Path, formats: list[str], quants:
     except ImportError as e:
         raise DiJiangError(f"the baseline exporter needs {e.name}; `pip install 'dijiang-edge[onnx,executorch]'`") from None
     routed = route_options({f: m.export for f, m in mods.items()}, {**opts, "parity_tokens": parity_tokens})
+    check_out(out, force)
     hf, source = load_hf(model_src)
     lm = KVCacheLM(hf)
     with staged_dir(out, force) as tmp:
