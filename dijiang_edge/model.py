@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import attention as A
 from . import ops
+from .cores import EagerCore
 from .errors import DiJiangError
 
 Tensor = torch.Tensor
@@ -216,7 +217,6 @@ class DiJiangAttention(nn.Module):
 
     def __init__(self, a: ModelArgs, layer_idx: int):
         super().__init__()
-        from .cores import EagerCore
         self.a, self.layer_idx = a, layer_idx
         d, h, hkv = a.head_dim, a.n_heads, a.n_kv_heads
         if a.arch == "gpt_neox":

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
+from . import input_ids
 from .onnx import session
 
 
@@ -45,7 +46,6 @@ class KvOnnxRunner:
         return out[0]
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        from . import input_ids
         ids = input_ids(ids)
         if self.pos == 0 and ids.shape[0] != self.cache[0].shape[0]:
             self.reset(ids.shape[0])

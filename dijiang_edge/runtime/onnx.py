@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
+from . import input_ids
 from ..manifest import FileEntry, Manifest, verify_files
 
 
@@ -82,7 +83,6 @@ class OnnxRunner:
         return out[0]
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        from . import input_ids
         ids = input_ids(ids)
         if self.pos == 0 and ids.shape[0] != self.state[0].shape[0]:
             self.reset(ids.shape[0])
