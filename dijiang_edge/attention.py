@@ -314,3 +314,82 @@ def default_log_decay(num_heads: int) -> Tensor:
     one_minus = torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads,
                                          dtype=torch.float64))
     return torch.log1p(-one_minus).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------
+# The local softmax window beside DiJiang (``ModelArgs.window = W > 0``).  Query ``n``
+# attends exactly, with softmax, to the last W tokens (``n - W < j <= n``), and through
+# DiJiang to every older one; a token enters the DiJiang state when it leaves the
+# window, so the linear part is the forms above run on the key/value stream delayed
+# by W steps: at step ``n`` token ``n - W`` enters, with its decay counted from there:
+#
+#     S_n = exp(g_n) S_(n-1) + phi(k_(n-W))^T v_(n-W),      lin_n = phi(q_n) S_n
+#
+# A call's keys are laid out as ``(ring of the W keys before the call, the call's own)``,
+# ``W + T`` of them: query n (all-index ``W + n``) sees all-index ``n < j <= n + W``,
+# token all-index ``n`` leaves the window at step n, and the new ring is the last W.
+# ----------------------------------------------------------------------------
+
+def window_mask(start: Tensor, t: int, window: int, offset: int = 0) -> Tensor:
+    """Additive ``[B or 1, 1, 1, t, t + W]`` mask of queries ``offset .. offset + t`` against
+    keys all-index ``offset .. offset + t + W``: 0 where the key is in the query's window
+    and holds a real token (position ``start - W + j >= 0``: the ring is empty at first),
+    ``-inf`` elsewhere.  ``start [B or 1]`` is each sequence's position before the call."""
+    n = torch.arange(t, device=start.device)[:, None]
+    j = torch.arange(t + window, device=start.device)[None, :]
+    band = (j > n) & (j <= n + window)                                   # [t, t + W]
+    real = (start[:, None] - window + offset + j) >= 0                   # [B, t + W]
+    ok = band[None] & real[:, None, :]
+    return torch.where(ok, 0.0, float("-inf"))[:, None, None]
+
+
+def window_softmax(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The window's unnormalised softmax sums: ``num = sum_j exp(s_j - mx) v_j``,
+    ``den = sum_j exp(s_j - mx)`` and ``mx = max_j s_j``, ``s = scale q.k + mask``.
+
+    ``q [B, Hkv, rep, T, d]`` (query heads grouped by the key head they share),
+    ``k, v [B, Hkv, 1, T + W, *]``; each query's own key is always in its window, so
+    ``mx`` is finite and ``den >= 1``.  Kept apart (not ``num / den``) so that the
+    shared-normaliser combination can add the linear part's sums to them."""
+    s = (q @ k.transpose(-1, -2)) * scale + mask
+    mx = s.amax(-1, keepdim=True)
+    p = (s - mx).exp()
+    return p @ v, p.sum(-1, keepdim=True), mx
+
+
+def windowed_softmax(q: Tensor, k: Tensor, v: Tensor, start: Tensor, window: int, scale: float,
+                     block: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """``window_softmax`` over a call's queries in blocks of ``block`` (0 = one block), so a
+    long prompt costs ``T (block + W)`` scores, not ``T (T + W)``."""
+    t = q.shape[-2]
+    if not block or t <= block:
+        return window_softmax(q, k, v, window_mask(start, t, window), scale)
+    parts = []
+    for n0 in range(0, t, block):
+        tb = min(block, t - n0)
+        parts.append(window_softmax(q[..., n0:n0 + tb, :], k[..., n0:n0 + tb + window, :],
+                                    v[..., n0:n0 + tb + window, :], window_mask(start, tb, window, n0), scale))
+    return tuple(torch.cat(p, dim=-2) for p in zip(*parts))
+
+
+def windowed_reference(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, log_gate: Tensor,
+                       window: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The hybrid from its definition over a whole sequence (quadratic, float64), the
+    reference for the ring-and-delay computation of the layer.
+
+    ``q, k [B, H, T, d]`` after RoPE, ``v [B, H, T, dv]``, ``fq, fk`` their features,
+    ``log_gate [B, H, T]``.  Returns the window's ``(num, den, mx)`` (``window_softmax``)
+    and the linear part ``lin_n = sum_(j <= n - W) exp(G_n - G_(j+W)) (fq_n . fk_j) v_j``,
+    ``G`` the cumulative log gate."""
+    t = q.shape[2]
+    q, k, v, fq, fk = (x.double() for x in (q, k, v, fq, fk))
+    n, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~((j <= n) & (j > n - window)), float("-inf"))
+    mx = s.amax(-1, keepdim=True)
+    p = (s - mx).exp()
+    g = log_gate.double().cumsum(-1)
+    g_enter = F.pad(g, (0, window), value=0.0)[..., window:]            # G_(j + W); j + W >= T never used
+    decay = (g[..., :, None] - g_enter[..., None, :]).masked_fill(~(j <= n - window), float("-inf")).exp()
+    lin = ((fq @ fk.transpose(-1, -2)) * decay) @ v
+    return p @ v, p.sum(-1, keepdim=True), mx, lin

@@ -31,7 +31,8 @@ def _quiet() -> None:
 
 
 def _convert_options(a: argparse.Namespace) -> dict:
-    return {"variant": a.variant, "chunk_size": a.chunk_size, "norm_groups": a.norm_groups}
+    return {"variant": a.variant, "chunk_size": a.chunk_size, "norm_groups": a.norm_groups,
+            "window": a.window, "window_mode": a.window_mode}
 
 
 def _add_convert_options(p: argparse.ArgumentParser) -> None:
@@ -39,6 +40,11 @@ def _add_convert_options(p: argparse.ArgumentParser) -> None:
                    help="DiJiang form: the paper's (GroupNorm + gate), normalized, or normalized with a gate")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk length of the prefill form")
     p.add_argument("--norm-groups", type=int, default=0, help="GroupNorm groups (0 = one per head)")
+    p.add_argument("--window", type=int, default=0,
+                   help="exact softmax over the last N tokens beside DiJiang (e.g. 64; 0 = pure DiJiang)")
+    p.add_argument("--window-mode", default="shared", choices=["shared", "mix"],
+                   help="window + DiJiang: one shared softmax normaliser (needs a normalized variant) "
+                        "or a learned mix of the window's and the gated DiJiang output")
 
 
 # -- subcommands ------------------------------------------------------------------
@@ -55,7 +61,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
         save_tokenizer(tokenizer_source(a.model, model), tmp)
     st = model.init_state(1)
     print(f"converted {model.args.source.get('name', a.model)} -> {a.out} "
-          f"({model.num_params() / 1e6:.1f}M params, variant {model.args.variant}, "
+          f"({model.num_params() / 1e6:.1f}M params, variant {model.args.variant}, window {model.args.window}, "
           f"state {st.nbytes() / 1e6:.2f} MB per sequence at any length, {time.time() - t0:.1f}s)")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import DiJiangError
-from .model import VARIANTS, DiJiangForCausalLM, ModelArgs
+from .model import VARIANTS, DiJiangForCausalLM, ModelArgs, check_args
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def args_from_config(cfg: Any, **options: Any) -> ModelArgs:
 
 
 def apply_options(args: ModelArgs, variant: str = "official", chunk_size: int = 64,
-                  norm_groups: int = 0) -> ModelArgs:
+                  norm_groups: int = 0, window: int = 0, window_mode: str = "shared") -> ModelArgs:
     if variant not in VARIANTS:
         raise DiJiangError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if chunk_size < 1:
@@ -76,6 +76,8 @@ def apply_options(args: ModelArgs, variant: str = "official", chunk_size: int = 
     if norm_groups and args.v_dim % norm_groups:
         raise DiJiangError(f"norm_groups={norm_groups} does not divide {args.v_dim} channels")
     args.variant, args.chunk_size, args.norm_groups = variant, chunk_size, norm_groups
+    args.window, args.window_mode = window, window_mode
+    check_args(args)
     return args
 
 
@@ -308,7 +310,9 @@ def convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:
     model, an official DiJiang checkpoint, or an already converted model, which is
     loaded as is); a ``.gguf`` file; or ``"default"`` (the embedded SmolLM2-135M).
     ``options``: ``variant`` ("official", "normalized", "normalized_gated"),
-    ``chunk_size``, ``norm_groups`` (0 = one GroupNorm group per head).
+    ``chunk_size``, ``norm_groups`` (0 = one GroupNorm group per head), ``window``
+    (exact softmax over the last ``window`` tokens beside DiJiang; 0 = none) and
+    ``window_mode`` ("shared" or "mix", ``DiJiangAttention.finish``).
     """
     if isinstance(model_or_path, DiJiangForCausalLM):
         return model_or_path

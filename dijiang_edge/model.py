@@ -23,6 +23,7 @@ from .errors import DiJiangError
 
 Tensor = torch.Tensor
 VARIANTS = ("official", "normalized", "normalized_gated")
+WINDOW_MODES = ("shared", "mix")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class ModelArgs:
     chunk_size: int = 64
     pos_table_len: int = 0              # >0: per-position gates imported from D1/D2
     eps: float = 1e-6                   # denominator floor of the normalized variants
+    window: int = 0                     # >0: exact softmax over the last `window` tokens beside DiJiang
+    window_mode: str = "shared"         # see WINDOW_MODES and DiJiangAttention.finish
     source: dict = field(default_factory=dict)
 
     @property
@@ -74,8 +77,10 @@ class ModelArgs:
 
 @dataclass
 class RecurrentState:
-    """Per-layer recurrent state ``[B, H, m, dv]`` (dv + 1 for normalized variants)
-    and the position each sequence has reached ``[B]``: all a sequence carries."""
+    """Each layer's state tensors, flat in layer order (``DiJiangForCausalLM.layer_state_shapes``:
+    the DiJiang state ``[B, H, m, dv]``, dv + 1 for normalized variants, and with a window
+    the ring of its last W keys and values ``[B, H_kv, W, d]``), and the position each
+    sequence has reached ``[B]``: all a sequence carries, the same size at any length."""
 
     layers: list[Tensor]
     pos: Tensor
@@ -240,6 +245,10 @@ class DiJiangAttention(nn.Module):
         rd, half = a.rotary_dim, a.rotary_dim // 2
         perm = list(range(half, rd)) + list(range(half)) + list(range(rd, d))
         self.register_buffer("rope_perm", torch.tensor(perm, dtype=torch.long), persistent=False)
+        if a.window:
+            self.window_weight = nn.Parameter(torch.zeros(h))       # per head, see ``finish``
+        self.window_block = 256           # eager: long prompts scored in query blocks; exports: 0
+        self.linear_on = True             # False: the window alone (the long-range ablation)
         self.in_proj: nn.Linear | None = None
         self.core: nn.Module = EagerCore(a)
 
@@ -281,38 +290,138 @@ class DiJiangAttention(nn.Module):
         valid = ctx.valid[:, None, :].to(lg.dtype)
         return lg * valid, valid if beta is None else beta * valid
 
-    def features(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Packed ``phi(q) [B, T, H*m]``, ``phi(k) [B, T, H_kv*m]`` (RoPE first), ``v``
-        (with a ones column per head that carries ``z`` in the normalized variants) and the gate."""
+    def rotated(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``qk [B, T, H + H_kv, d]`` after RoPE, packed ``v`` and the gate (or None)."""
         a = self.a
         qk, v, gate = self.project(x)
         qk = apply_rope(ops.reshape_bt(qk, [a.n_heads + a.n_kv_heads, a.head_dim]), ctx,
                         self.rope_perm, a.rotary_dim)
+        return qk, v, gate
+
+    def values(self, v: Tensor, like: Tensor) -> Tensor:
+        """Packed values in the feature dtype, with a ones column per head that carries
+        ``z`` in the normalized variants."""
+        v = v if v.dtype == like.dtype else v.to(like.dtype)      # (a no-op cast is still a graph node)
+        if self.a.variant != "official":
+            v = ops.reshape_bt(ops.append_ones(ops.reshape_bt(v, [self.a.n_kv_heads, self.a.head_dim])), [-1])
+        return v
+
+    def features(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Packed ``phi(q) [B, T, H*m]``, ``phi(k) [B, T, H_kv*m]`` (RoPE first), ``values``
+        and the gate."""
+        a = self.a
+        qk, v, gate = self.rotated(x, ctx)
         qk = ops.reshape_bt(A.feature_map(qk, self.proj), [-1])
         q, k = qk.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1)
-        v = v if v.dtype == q.dtype else v.to(q.dtype)      # (a no-op cast is still a graph node)
-        if a.variant != "official":
-            v = ops.reshape_bt(ops.append_ones(ops.reshape_bt(v, [a.n_kv_heads, a.head_dim])), [-1])
-        return q, k, v, gate
+        return q, k, self.values(v, q), gate
 
-    def finish(self, x: Tensor, o: Tensor, gate: Tensor | None) -> Tensor:
-        """Per-token output from the core's packed ``o``: normaliser or GroupNorm, gate, projection."""
+    def finish(self, x: Tensor, o: Tensor, gate: Tensor | None, win: tuple | None = None) -> Tensor:
+        """Per-token output from the core's packed ``o`` (and the window's sums, if any).
+
+        Without a window: normaliser or GroupNorm, gate, projection.  With one, per head:
+        ``shared`` (LoLCATs) divides window and linear sums by one normaliser,
+        ``(num + w lin) / (den + w z)`` with ``w = exp(window_weight - mx)`` (the window's
+        sums are relative to its max score ``mx``), so on a prompt shorter than the window
+        the layer is the source's softmax attention exactly; ``mix`` (Liger) blends the
+        window's softmax output with the finished linear output,
+        ``sigmoid(window_weight) * num / den + (1 - sigmoid(window_weight)) * linear``."""
         a = self.a
+        h, d = a.n_heads, a.head_dim
+        if win is not None and a.window_mode == "shared":
+            num, den, mx = win
+            lin, z = ops.reshape_bt(o, [h, d + 1]).split([d, 1], dim=-1)
+            w = (self.window_weight[:, None] - mx).clamp(max=60.0).exp() * float(self.linear_on)
+            return self.out_proj(self.gated(ops.reshape_bt((num + w * lin) / (den + w * z), [-1]), x, gate))
         if a.variant != "official":
-            o, z = ops.reshape_bt(o, [a.n_heads, a.head_dim + 1]).split([a.head_dim, 1], dim=-1)
+            o, z = ops.reshape_bt(o, [h, d + 1]).split([d, 1], dim=-1)
             o = ops.reshape_bt(o / (z + a.eps), [-1])
-        o = o if o.dtype == x.dtype else o.to(x.dtype)
-        if a.variant == "official":
-            o = F.silu(gate) * self.group_norm(o)
-        elif a.variant == "normalized_gated":
-            o = o * 2 * torch.sigmoid(gate)    # zero-initialised gate == identity
+        o = self.gated(o, x, gate)
+        if win is not None:
+            num, den, _ = win
+            lam = torch.sigmoid(self.window_weight)[:, None] if self.linear_on else self.window_weight.new_ones(h, 1)
+            o = ops.reshape_bt(lam * (num / den) + (1 - lam) * ops.reshape_bt(o, [h, d]), [-1])
         return self.out_proj(o)
 
-    def forward(self, x: Tensor, ctx: Context, state: Tensor) -> tuple[Tensor, Tensor]:
+    def gated(self, o: Tensor, x: Tensor, gate: Tensor | None) -> Tensor:
+        o = o if o.dtype == x.dtype else o.to(x.dtype)
+        if self.a.variant == "official":
+            return F.silu(gate) * self.group_norm(o)
+        if self.a.variant == "normalized_gated":
+            return o * 2 * torch.sigmoid(gate)    # zero-initialised gate == identity
+        return o
+
+    def forward(self, x: Tensor, ctx: Context, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        if self.a.window:
+            return self.windowed(x, ctx, state)
         q, k, v, gate = self.features(x, ctx)
         lg, beta = self.gates(ctx)
-        o, s = self.core(q, k, v, lg, beta, state, ctx)
-        return self.finish(x, o, gate), s
+        o, s = self.core(q, k, v, lg, beta, state[0], ctx)
+        return self.finish(x, o, gate), [s]
+
+    def windowed(self, x: Tensor, ctx: Context, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The layer with its window (``attention.py``'s hybrid): the call's keys and values
+        after the ring of the last W, softmax over each query's window, and the tokens that
+        leave the window entering the DiJiang state through the core."""
+        a = self.a
+        h, hkv, d, w = a.n_heads, a.n_kv_heads, a.head_dim, a.window
+        s, ring_k, ring_v = state
+        b, t = x.shape[:2]
+        qk, v, gate = self.rotated(x, ctx)
+        q, k = qk.split([h, hkv], dim=2)
+        keys = torch.cat((ring_k, k.transpose(1, 2).to(ring_k.dtype)), dim=2)          # [B, H_kv, W + T, d]
+        vals = torch.cat((ring_v, ops.reshape_bt(v, [hkv, d]).transpose(1, 2).to(ring_v.dtype)), dim=2)
+        win = self.window_sums(q.transpose(1, 2).reshape(b, hkv, h // hkv, t, d), keys, vals, ctx)
+        fq = ops.reshape_bt(A.feature_map(q, self.proj), [-1])
+        fk = ops.reshape_bt(A.feature_map(keys[:, :, :t].transpose(1, 2), self.proj), [-1])
+        fv = self.values(ops.reshape_bt(vals[:, :, :t].transpose(1, 2), [-1]), fq)
+        lg, beta = self.gates(ctx)
+        enter = ctx.once("window_enter", lambda: self._entering(ctx))
+        o, s = self.core(fq, fk, fv, lg, enter if beta is None else beta * enter, s, ctx)
+        return self.finish(x, o, gate, win), [s, *self._ring(keys, vals, ctx)]
+
+    def window_sums(self, q: Tensor, keys: Tensor, vals: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+        """The window's ``(num, den, mx)`` as ``[B, T, H, *]`` (``attention.window_softmax``);
+        exported graphs (``window_block == 0``) share one mask per call."""
+        a, t = self.a, q.shape[-2]
+        start, scale = ctx.positions[:, 0], a.head_dim ** -0.5
+        if self.window_block and t > self.window_block:
+            parts = A.windowed_softmax(q, keys[:, :, None], vals[:, :, None], start, a.window, scale, self.window_block)
+        else:
+            mask = ctx.once("window_mask", lambda: A.window_mask(start, t, a.window))
+            parts = A.window_softmax(q, keys[:, :, None], vals[:, :, None], mask, scale)
+        return tuple(p.reshape(p.shape[0], a.n_heads, t, -1).transpose(1, 2) for p in parts)
+
+    def _entering(self, ctx: Context) -> Tensor:
+        """``[B, 1, T]``: 1 where step n moves a real token out of the window (position >= W)."""
+        enter = ctx.positions >= self.a.window
+        if ctx.valid is not None:
+            enter = enter & ctx.valid
+        return enter[:, None, :].to(self.proj.dtype)
+
+    def _ring(self, keys: Tensor, vals: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+        """The last W real keys and values: the ring the next call starts from."""
+        w = self.a.window
+        if ctx.valid is None:
+            return keys[:, :, -w:], vals[:, :, -w:]
+        idx = ctx.valid.sum(-1)[:, None] + torch.arange(w, device=keys.device)     # padding is at the end
+        idx = idx[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        return keys.gather(2, idx), vals.gather(2, idx)
+
+
+def check_args(a: ModelArgs) -> None:
+    """The DiJiang settings that cannot work together, refused before any weight is made."""
+    if a.variant not in VARIANTS:
+        raise DiJiangError(f"unknown DiJiang variant {a.variant!r}; choose one of {', '.join(VARIANTS)}")
+    if a.window < 0:
+        raise DiJiangError(f"window must be 0 (none) or a number of tokens, not {a.window}")
+    if a.window and a.window_mode not in WINDOW_MODES:
+        raise DiJiangError(f"unknown window mode {a.window_mode!r}; choose one of {', '.join(WINDOW_MODES)}")
+    if a.window and a.window_mode == "shared" and a.variant == "official":
+        raise DiJiangError("window mode 'shared' divides by the linear part's normaliser, which the official "
+                           "variant does not keep: use --variant normalized (or --window-mode mix)")
+    if a.window and a.pos_table_len:
+        raise DiJiangError("a window needs a per-head decay; an imported official checkpoint's "
+                           "per-position gates cannot take one")
 
 
 def _logit_of_log(log_gamma: Tensor) -> Tensor:
@@ -331,7 +440,7 @@ class Block(nn.Module):
         self.attn = DiJiangAttention(a, i)
         self.mlp = FeedForward(a)
 
-    def forward(self, x: Tensor, pending: Tensor | None, ctx: Context, state: Tensor):
+    def forward(self, x: Tensor, pending: Tensor | None, ctx: Context, state: list[Tensor]):
         h, x = self.input_layernorm(x, pending)
         a, s = self.attn(h, ctx, state)
         if self.parallel:
@@ -345,8 +454,7 @@ class DiJiangForCausalLM(nn.Module):
 
     def __init__(self, a: ModelArgs, inv_freq: Tensor | None = None):
         super().__init__()
-        if a.variant not in VARIANTS:
-            raise DiJiangError(f"unknown DiJiang variant {a.variant!r}; choose one of {', '.join(VARIANTS)}")
+        check_args(a)
         self.args = a
         self.embed = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, i) for i in range(a.n_layers))
@@ -366,10 +474,31 @@ class DiJiangForCausalLM(nn.Module):
     def state_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
         return (batch, self.args.n_heads, self.args.head_dim, self.state_dv)
 
-    def init_state(self, batch: int = 1) -> RecurrentState:
+    def layer_state_shapes(self, batch: int = 1) -> list[tuple[int, ...]]:
+        """One layer's state tensors: the DiJiang state, then (window) the key and value rings."""
+        a = self.args
+        ring = [(batch, a.n_kv_heads, a.window, a.head_dim)] * 2 if a.window else []
+        return [self.state_shape(batch), *ring]
+
+    def state_names(self) -> list[str]:
+        """Names of the flat state tensors, as the exported files call them (with a
+        ``past_``/``present_`` prefix in ONNX): ``recurrent.{i}``, and with a window
+        ``window_key.{i}`` and ``window_value.{i}`` after it."""
+        kinds = ["recurrent"] + (["window_key", "window_value"] if self.args.window else [])
+        return [f"{k}.{i}" for i in range(self.args.n_layers) for k in kinds]
+
+    def state_shapes(self, batch: int = 1) -> list[tuple[int, ...]]:
+        """Shapes of the flat state tensors (``state_names``' order)."""
+        return self.layer_state_shapes(batch) * self.args.n_layers
+
+    def layer_state(self, batch: int = 1) -> list[Tensor]:
+        """A fresh (empty) state for one layer."""
         dev, dt = self.embed.weight.device, self.layers[0].attn.proj.dtype   # float32 unless .double()
-        layers = [torch.zeros(self.state_shape(batch), device=dev, dtype=dt) for _ in self.layers]
-        return RecurrentState(layers, torch.zeros(batch, dtype=torch.long, device=dev))
+        return [torch.zeros(s, device=dev, dtype=dt) for s in self.layer_state_shapes(batch)]
+
+    def init_state(self, batch: int = 1) -> RecurrentState:
+        layers = [t for _ in self.layers for t in self.layer_state(batch)]
+        return RecurrentState(layers, torch.zeros(batch, dtype=torch.long, device=self.embed.weight.device))
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and signed sin ``[B, T, 1, head_dim]`` for ``positions [B, T]`` (``rope_tables``)."""
@@ -380,12 +509,14 @@ class DiJiangForCausalLM(nn.Module):
         return Context(positions, *self.rope(positions), valid=valid, like=like, keep=keep, form=form)
 
     def hidden(self, input_ids: Tensor, ctx: Context, states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """The final-normed hidden states ``[B, T, hidden]`` and each layer's new state:
-        the whole network below the head, shared by eager, ONNX and ``.pte``."""
+        """The final-normed hidden states ``[B, T, hidden]`` and the new state tensors (flat,
+        as ``RecurrentState.layers``): the whole network below the head, shared by eager,
+        ONNX and ``.pte``."""
         x, pending, new = self.embed(input_ids), None, []
-        for layer, s in zip(self.layers, states):
-            x, pending, s = layer(x, pending, ctx, s)
-            new.append(s)
+        k = len(self.layer_state_shapes())
+        for i, layer in enumerate(self.layers):
+            x, pending, s = layer(x, pending, ctx, list(states[i * k:(i + 1) * k]))
+            new += s
         return self.norm(x, pending)[0], new
 
     # -- forward -------------------------------------------------------------
@@ -398,8 +529,15 @@ class DiJiangForCausalLM(nn.Module):
         they neither change the state nor advance the position, so left- or
         right-padded batches give each sequence its unpadded logits.
         """
+        state = state if state is not None else self.init_state(input_ids.shape[0])
+        if attention_mask is not None and self.args.window:
+            out, new_state, h = self._compacted(input_ids, state, attention_mask, form)
+        else:
+            out, new_state, h = self._run(input_ids, state, attention_mask, form)
+        return (out, new_state, h) if return_hidden else (out, new_state)
+
+    def _run(self, input_ids: Tensor, state: RecurrentState, attention_mask: Tensor | None, form: str | None):
         b, t = input_ids.shape
-        state = state if state is not None else self.init_state(b)
         if attention_mask is None:
             valid = None
             steps = torch.arange(1, t + 1, device=input_ids.device).expand(b, t)
@@ -408,9 +546,18 @@ class DiJiangForCausalLM(nn.Module):
             steps = valid.long().cumsum(-1)
         positions = state.pos[:, None] + (steps - 1).clamp(min=0)
         h, new = self.hidden(input_ids, self.context(positions, valid, like=input_ids, form=form), state.layers)
-        out = self.lm_head(h)
-        new_state = RecurrentState(new, state.pos + steps[:, -1])
-        return (out, new_state, h) if return_hidden else (out, new_state)
+        return self.lm_head(h), RecurrentState(new, state.pos + steps[:, -1]), h
+
+    def _compacted(self, input_ids: Tensor, state: RecurrentState, attention_mask: Tensor, form: str | None):
+        """``_run`` with padding for a windowed model: each sequence's real tokens moved
+        to the front (stable), so the window's keys are consecutive, then put back.
+        Every part but attention is per token, and padding at the end is after every real
+        token, so this changes nothing but where the ring is read from (``_ring``)."""
+        order = torch.sort((attention_mask == 0).to(torch.int8), dim=1, stable=True).indices
+        back = order.argsort(dim=1)
+        logits, new_state, h = self._run(input_ids.gather(1, order), state, attention_mask.gather(1, order), form)
+        unsort = (lambda x: x.gather(1, back[..., None].expand(-1, -1, x.shape[-1])))
+        return unsort(logits), new_state, unsort(h)
 
     # -- persistence ---------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
@@ -451,4 +598,5 @@ class DiJiangForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-__all__ = ["ModelArgs", "RecurrentState", "Context", "DiJiangForCausalLM", "DiJiangAttention", "VARIANTS"]
+__all__ = ["ModelArgs", "RecurrentState", "Context", "DiJiangForCausalLM", "DiJiangAttention", "VARIANTS",
+           "WINDOW_MODES"]

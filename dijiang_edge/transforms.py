@@ -41,6 +41,7 @@ def use_core(model: DiJiangForCausalLM, kind: str) -> DiJiangForCausalLM:
         raise DiJiangError(f"unknown attention core {kind!r}; choose one of {', '.join(CORES)}")
     for layer in model.layers:
         layer.attn.core = CORES[kind](model.args)
+        layer.attn.window_block = 256 if kind == "eager" else 0    # exports: one window mask per call
     return model
 
 

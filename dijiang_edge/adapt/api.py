@@ -35,7 +35,7 @@ FINGERPRINT_FIELDS = ("stages", "transfer_share", "seq_len", "batch_size", "tran
 
 def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: AdaptConfig | None = None, *,
           tokenizer: Any = None, teacher: Any = None, variant: str = "official", chunk_size: int = 64,
-          norm_groups: int = 0, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          norm_groups: int = 0, window: int = 0, window_mode: str = "shared", checkpoint_dir: str | Path | None = None, resume: bool = False,
           force: bool = False, keep_checkpoint: bool = False, notes: Sequence[str] = (),
           on_step: Callable[[StageProgress], None] | None = None, cpu: bool = False) -> dict[str, Any]:
     """Adapt ``model`` to DiJiang attention on the text of ``data``; write it to ``out``.
@@ -46,7 +46,8 @@ def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: Adapt
     """
     return Adaptation(model, data, out, config or AdaptConfig(token_budget=100_000), tokenizer=tokenizer,
                       teacher=teacher, convert_options=dict(variant=variant, chunk_size=chunk_size,
-                                                            norm_groups=norm_groups),
+                                                            norm_groups=norm_groups, window=window,
+                                                            window_mode=window_mode),
                       checkpoint_dir=checkpoint_dir, resume=resume, force=force, keep_checkpoint=keep_checkpoint,
                       notes=list(notes), on_step=on_step, cpu=cpu).run()
 
@@ -90,6 +91,7 @@ class Adaptation:
         fp["stages"] = list(self.cfg.stages)
         fp["model"] = self.student.args.source.get("name", "")
         fp["variant"] = self.student.args.variant
+        fp["window"] = [self.student.args.window, self.student.args.window_mode]
         fp["data_sha256"] = hashlib.sha256(self.blocks.train.numpy().tobytes()).hexdigest()[:16]
         return fp
 

@@ -59,7 +59,7 @@ def run(a: argparse.Namespace) -> None:
                       checkpoint_minutes=a.checkpoint_minutes, checkpoint_steps=a.checkpoint_steps)
     try:
         r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, variant=a.variant, chunk_size=a.chunk_size,
-                  norm_groups=a.norm_groups, checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
+                  norm_groups=a.norm_groups, window=a.window, window_mode=a.window_mode, checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
                   keep_checkpoint=a.keep_checkpoint, notes=a.note)
     except KeyboardInterrupt:
         print("dijiang-export adapt: run the same command with --resume to continue from the last checkpoint",

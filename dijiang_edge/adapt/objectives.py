@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..model import DiJiangForCausalLM
 
-NEW_PARAM_KEYS = (".attn.decay_logit", ".attn.gate.", ".attn.group_norm.")
+NEW_PARAM_KEYS = (".attn.decay_logit", ".attn.gate.", ".attn.group_norm.", ".attn.window_weight")
 
 
 def is_new_param(name: str) -> bool:
@@ -27,8 +27,7 @@ def layer_attention(student: DiJiangForCausalLM, xs: list[torch.Tensor]) -> list
     b, t, _ = xs[0].shape
     positions = torch.arange(t, device=xs[0].device).expand(b, t)
     ctx = student.context(positions, like=positions)
-    state = torch.zeros(student.state_shape(b), device=xs[0].device)
-    return [layer.attn(x, ctx, state)[0] for layer, x in zip(student.layers, xs)]
+    return [layer.attn(x, ctx, student.layer_state(b))[0] for layer, x in zip(student.layers, xs)]
 
 
 class TransferObjective(nn.Module):

@@ -20,6 +20,7 @@ token), ``attention_forms`` (prefill, chunked vs parallel form), ``report.merge`
 from __future__ import annotations
 
 import json
+import math
 import time
 from fnmatch import fnmatch
 from pathlib import Path
@@ -65,10 +66,9 @@ def cache_bytes(manifest: dict, entry: dict, lengths: list[int]) -> dict[str, in
     m = manifest["model"]
     if entry.get("attention") == "softmax":
         return {str(n): 2 * m["n_layers"] * m["n_kv_heads"] * m["head_dim"] * n * 4 for n in lengths}
-    per = 4
-    for d in manifest["state_shape"]:
-        per *= d
-    return {str(n): per * m["n_layers"] for n in lengths}
+    states = entry.get("state") or entry["inputs"]["state"]
+    per = sum(4 * math.prod(1 if d == "batch" else d for d in s["shape"]) for s in states)
+    return {str(n): per for n in lengths}
 
 
 def file_bytes(folder: str | Path, entry: dict) -> int:

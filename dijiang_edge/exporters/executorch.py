@@ -134,6 +134,12 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
 # The exported module
 # ----------------------------------------------------------------------------
 
+def buffer_names(model: nn.Module) -> list[str]:
+    """The ``.pte``'s state buffers: ``state_{i}`` (the DiJiang state), ``window_key_{i}``,
+    ``window_value_{i}`` (the ring, with a window)."""
+    return [n.replace("recurrent.", "state_").replace(".", "_") for n in model.state_names()]
+
+
 class RecurrentLM(nn.Module):
     """``forward(tokens [1, T], start_pos [1]) -> logits [1, T, V]`` over
     ``transforms.for_pte(model)``, the state held in buffers ``state_{i}``: the module
@@ -143,14 +149,15 @@ class RecurrentLM(nn.Module):
         super().__init__()
         self.model = for_pte(model)
         self.n_layers = len(model.layers)
-        for i in range(self.n_layers):
-            self.register_buffer(f"state_{i}", torch.zeros(model.state_shape(1)))
+        self.names = buffer_names(model)
+        for n, s in zip(self.names, model.state_shapes(1)):
+            self.register_buffer(n, torch.zeros(s))
 
     def forward(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
         m = self.model
         positions = start_pos[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None, :]
         keep = (start_pos != 0).to(torch.float32)                 # in-graph reset: 0 at position 0
-        bufs = [getattr(self, f"state_{i}") for i in range(self.n_layers)]
+        bufs = [getattr(self, n) for n in self.names]
         h, new = m.hidden(tokens, m.context(positions, like=tokens, keep=keep), bufs)
         for buf, s in zip(bufs, new):
             buf.copy_(s)
@@ -280,7 +287,7 @@ def lower(ep: torch.export.ExportedProgram, metadata: dict[str, Any]):
             compile_config=EdgeCompileConfig(_check_ir_validity=False))
         return edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
-            passes=[InitializedMutableBufferPass(["state_"])],
+            passes=[InitializedMutableBufferPass(["state_", "window_"])],
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=True),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         ))
@@ -327,9 +334,10 @@ def build_pte(model: nn.Module, path: Path, quant: str = "fp32", max_seq_len: in
     model = quantize(model.eval(), qlinear, qembedding, calibration_ids)
     wrapper = RecurrentLM(model).eval()
     program = lower(export_graph(wrapper, max_seq_len), runner_metadata(model, max_seq_len, max_context_len))
-    n = initialized_states(program, list(model.state_shape(1)))
-    if n != wrapper.n_layers:
-        raise DiJiangError(f"only {n} of {wrapper.n_layers} state buffers got serialized zeros; this "
+    shapes = model.state_shapes(1)
+    n = sum(initialized_states(program, list(s)) for s in {tuple(s) for s in shapes})
+    if n != len(shapes):
+        raise DiJiangError(f"only {n} of {len(shapes)} state buffers got serialized zeros; this "
                            f"executorch version changed InitializedMutableBufferPass: please report it")
     path.write_bytes(program.buffer)
     return {"qlinear": qlinear, "qembedding": qembedding, "seconds": round(time.time() - t0, 1),
@@ -383,13 +391,12 @@ def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_l
         check_texts(parity_text, calibration_text)
     calib = calibration_ids(model, out_dir, calibration_text) if calibrated else None
     facts = build_pte(model, out_dir / name, quant, max_seq_len, max_context_len, calib)
-    h, m, dv = model.state_shape(1)[1:]
     entry = M.FileEntry(
         format="pte", quant=quant, path=name, role="both", attention="plain", default=True,
         inputs={"tokens": {"dtype": "int64", "shape": [1, "seq"]}, "start_pos": {"dtype": "int64", "shape": [1]}},
         outputs={"logits": {"dtype": "float32", "shape": [1, "seq", model.args.vocab_size]}},
-        state=[{"name": f"state_{i}", "dtype": "float32", "shape": [1, h, m, dv], "in": "mutable buffer"}
-               for i in range(len(model.layers))],
+        state=[{"name": n, "dtype": "float32", "shape": list(s), "in": "mutable buffer"}
+               for n, s in zip(buffer_names(model), model.state_shapes(1))],
         checksums=M.checksums(out_dir, [name]),
         extras={"qlinear": facts["qlinear"], "qembedding": facts["qembedding"],
                 "int8_outliers": "smoothed + block-Hadamard rotated (outliers.py)" if calibrated else None,

@@ -69,9 +69,9 @@ def file_name(kind: str, quant: str) -> str:
 
 
 def io_spec(model) -> tuple[dict, dict]:
-    h, m, dv = model.state_shape(1)[1:]
-    ins, outs = onnx_graph.io_names(model.args.n_layers)
-    st = lambda names: [{"name": n, "dtype": "float32", "shape": ["batch", h, m, dv]} for n in names]
+    ins, outs = onnx_graph.io_names(model)
+    shapes = model.state_shapes(1)
+    st = lambda names: [{"name": n, "dtype": "float32", "shape": ["batch", *s[1:]]} for n, s in zip(names, shapes)]
     return ({"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
              "start_pos": {"dtype": "int64", "shape": [1]}, "state": st(ins[2:])},
             {"logits": {"dtype": "float32", "shape": ["batch", "seq", model.args.vocab_size]},

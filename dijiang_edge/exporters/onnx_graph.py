@@ -10,8 +10,9 @@
   per-head log-space ``decay``, ``beta`` is folded into the keys, ``scale=1``.
 
 Every graph has the contract of DESIGN.md section 3: inputs ``input_ids`` int64
-``[batch, seq]``, ``start_pos`` int64 ``[1]``, ``past_recurrent.{i}``; outputs ``logits``
-and ``present_recurrent.{i}``.  RoPE is computed in-graph from the positions, and
+``[batch, seq]``, ``start_pos`` int64 ``[1]``, ``past_recurrent.{i}`` (and with a window
+``past_window_key.{i}``, ``past_window_value.{i}``: the ring of the last W keys and values);
+outputs ``logits`` and ``present_*`` of each.  RoPE is computed in-graph from the positions, and
 each layer's projection ``P`` is a constant initializer.
 """
 
@@ -80,10 +81,9 @@ class OnnxStep(nn.Module):
         return (m.lm_head(h), *present)
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    ins = ["input_ids", "start_pos"] + [f"past_recurrent.{i}" for i in range(n_layers)]
-    outs = ["logits"] + [f"present_recurrent.{i}" for i in range(n_layers)]
-    return ins, outs
+def io_names(model: DiJiangForCausalLM) -> tuple[list[str], list[str]]:
+    names = model.state_names()
+    return ["input_ids", "start_pos"] + [f"past_{n}" for n in names], ["logits"] + [f"present_{n}" for n in names]
 
 
 @contextlib.contextmanager
@@ -107,7 +107,7 @@ def _symbolic_linear_attention(g, q, k, v, state, log_gate):
 
 def _example(model: DiJiangForCausalLM, kind: str):
     seq = 1 if kind == "step" else 3
-    past = tuple(torch.zeros(model.state_shape(2)) for _ in range(model.args.n_layers))
+    past = tuple(torch.zeros(s) for s in model.state_shapes(2))
     return (torch.zeros(2, seq, dtype=torch.long), torch.zeros(1, dtype=torch.long), *past)
 
 
@@ -115,7 +115,7 @@ def _torchscript(model: DiJiangForCausalLM, kind: str):
     """The TorchScript exporter: ~20x faster than dynamo here, which matters on 2 cores,
     and the one that maps ``ops``' helpers to single nodes (~30 per layer)."""
     import onnx
-    ins, outs = io_names(model.args.n_layers)
+    ins, outs = io_names(model)
     seq = {} if kind == "step" else {1: "seq"}
     dyn = {"input_ids": {0: "batch", **seq}, "logits": {0: "batch", **seq}}
     dyn.update({n: {0: "batch"} for n in ins[2:] + outs[1:]})
@@ -131,10 +131,10 @@ def _torchscript(model: DiJiangForCausalLM, kind: str):
 
 def _dynamo(model: DiJiangForCausalLM, kind: str):
     """The torch.export-based exporter (the future default of torch.onnx)."""
-    ins, outs = io_names(model.args.n_layers)
+    ins, outs = io_names(model)
     batch = torch.export.Dim("batch", min=1, max=1024)
     tok = {0: batch} if kind == "step" else {0: batch, 1: torch.export.Dim("seq", min=1, max=1 << 20)}
-    shapes = (tok, None, tuple({0: batch} for _ in range(model.args.n_layers)))
+    shapes = (tok, None, tuple({0: batch} for _ in model.state_names()))
     table = {torch.ops.dijiang_edge.gated_linear_attention.default: native_translation(model.args.n_heads)}
     prog = torch.onnx.export(OnnxStep(model, kind).eval(), _example(model, kind), dynamo=True,
                              input_names=ins, output_names=outs, opset_version=OPSET,

@@ -67,12 +67,12 @@ class OnnxRunner:
             session(folder, self.decode_entry, threads, verify, spin)
         self.block = int(self.prefill_entry.get("prefill_block", 0)) or 1 << 30
         self.state_names = [s["name"] for s in entry["inputs"]["state"]]
-        self.state_shape = list(entry["inputs"]["state"][0]["shape"][1:])
+        self.state_shapes = [list(s["shape"][1:]) for s in entry["inputs"]["state"]]
         self.reset()
 
     def reset(self, batch: int = 1) -> None:
         """Start a new sequence: zero state, position 0."""
-        self.state = [np.zeros([batch, *self.state_shape], np.float32) for _ in self.state_names]
+        self.state = [np.zeros([batch, *s], np.float32) for s in self.state_shapes]
         self.pos = 0
 
     def _run(self, sess, ids: np.ndarray) -> np.ndarray:
