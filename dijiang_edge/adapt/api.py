@@ -19,7 +19,7 @@ import torch
 from ..errors import DiJiangError
 from .checkpoint import Checkpointer, set_rng_state
 from .config import AdaptConfig
-from .data import BatchOrder, Blocks, load_corpus, split_blocks, tokenize
+from .data import TAIL, BatchOrder, Blocks, heldout_sets, load_corpus, load_heldout, split_blocks, tokenize
 from .evaluate import layer_mse, perplexity
 from .lora import add_lora, has_lora, merge_lora
 from .models import load_pair, scratch_dir, tokenizer_folder
@@ -35,26 +35,30 @@ FINGERPRINT_FIELDS = ("stages", "transfer_share", "seq_len", "batch_size", "tran
 
 def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: AdaptConfig | None = None, *,
           tokenizer: Any = None, teacher: Any = None, variant: str = "official", chunk_size: int = 64,
-          norm_groups: int = 0, window: int = 0, window_mode: str = "shared", checkpoint_dir: str | Path | None = None, resume: bool = False,
+          norm_groups: int = 0, window: int = 0, window_mode: str = "shared",
+          checkpoint_dir: str | Path | None = None, resume: bool = False,
           force: bool = False, keep_checkpoint: bool = False, notes: Sequence[str] = (),
-          on_step: Callable[[StageProgress], None] | None = None, cpu: bool = False) -> dict[str, Any]:
+          on_step: Callable[[StageProgress], None] | None = None, cpu: bool = False,
+          heldout: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Adapt ``model`` to DiJiang attention on the text of ``data``; write it to ``out``.
 
     ``model``: as for ``convert`` ("default", a folder, a .gguf, a transformers model,
-    or an already converted folder whose source model is the teacher).  Returns the
-    report (also in ``out/report.json``).  ``on_step`` is called after every step.
+    or an already converted folder whose source model is the teacher).  ``heldout``:
+    texts (names or files) scored apart, each on its own; without them, the tail of
+    the training stream is.  Returns the report (also in ``out/report.json``).
+    ``on_step`` is called after every step.
     """
     return Adaptation(model, data, out, config or AdaptConfig(token_budget=100_000), tokenizer=tokenizer,
                       teacher=teacher, convert_options=dict(variant=variant, chunk_size=chunk_size,
                                                             norm_groups=norm_groups, window=window,
                                                             window_mode=window_mode),
                       checkpoint_dir=checkpoint_dir, resume=resume, force=force, keep_checkpoint=keep_checkpoint,
-                      notes=list(notes), on_step=on_step, cpu=cpu).run()
+                      notes=list(notes), on_step=on_step, cpu=cpu, heldout=heldout).run()
 
 
 class Adaptation:
     def __init__(self, model, data, out, cfg: AdaptConfig, *, tokenizer, teacher, convert_options,
-                 checkpoint_dir, resume, force, keep_checkpoint, notes, on_step, cpu):
+                 checkpoint_dir, resume, force, keep_checkpoint, notes, on_step, cpu, heldout=()):
         self.t0 = time.time()
         self.cfg, self.out, self.force, self.resume = cfg, Path(out), force, resume
         self.keep_checkpoint, self.notes, self.on_step = keep_checkpoint, notes, on_step
@@ -62,6 +66,7 @@ class Adaptation:
         from ..exporters import check_out
         check_out(self.out, force)
         text = load_corpus(data, cfg.max_chars)          # bad text fails before any model loads
+        heldout_texts = load_heldout(heldout, cfg.max_chars)
         from accelerate import Accelerator
         # without a GPU, cpu=True is what lets `accelerate launch` form a gloo process group
         self.acc = Accelerator(cpu=cpu or not torch.cuda.is_available())
@@ -71,20 +76,29 @@ class Adaptation:
         self.scratch = scratch_dir()
         self.tok_dir = tokenizer_folder(model, self.student, tokenizer, Path(self.scratch.name))
         from ..tokenizer import load_tokenizer
-        self.blocks = self._blocks(tokenize(text, load_tokenizer(self.tok_dir)))
+        tok = load_tokenizer(self.tok_dir)
+        self.blocks = self._blocks(tokenize(text, tok), hold_tail=not heldout_texts)
+        # what each held-out figure is measured on: the texts by name, else the training tail
+        self.heldout = {n: self._checked(b) for n, b in
+                        heldout_sets(heldout_texts, tok, cfg.seq_len, cfg.eval_tokens).items()} \
+            or {TAIL: self.blocks.heldout}
         self.tap = AttentionTap(self.teacher)
         self.ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else Path(f"{self.out}-checkpoint"),
                                  self._fingerprint())
-        self.evals: dict[str, dict[str, float]] = {"perplexity": {}, "layer_mse": {}}
+        self.evals: dict[str, dict[str, Any]] = {"perplexity": {}, "layer_mse": {}}
         self.progress = {s: StageProgress(s) for s in cfg.stages}
         self.eval_seconds = 0.0
 
     # -- setup ------------------------------------------------------------------
-    def _blocks(self, ids: torch.Tensor) -> Blocks:
+    def _checked(self, ids: torch.Tensor) -> torch.Tensor:
         if int(ids.max()) >= self.student.args.vocab_size:
             raise DiJiangError(f"the tokenizer gives ids up to {int(ids.max())} but the model has "
                                f"{self.student.args.vocab_size} embeddings; use the model's own tokenizer")
-        return split_blocks(ids, self.cfg.seq_len, self.cfg.heldout_fraction, self.cfg.eval_tokens)
+        return ids
+
+    def _blocks(self, ids: torch.Tensor, hold_tail: bool) -> Blocks:
+        return split_blocks(self._checked(ids), self.cfg.seq_len, self.cfg.heldout_fraction, self.cfg.eval_tokens,
+                            hold_tail)
 
     def _fingerprint(self) -> dict[str, Any]:
         fp = {k: getattr(self.cfg, k) for k in FINGERPRINT_FIELDS}
@@ -92,18 +106,20 @@ class Adaptation:
         fp["model"] = self.student.args.source.get("name", "")
         fp["variant"] = self.student.args.variant
         fp["window"] = [self.student.args.window, self.student.args.window_mode]
-        fp["data_sha256"] = hashlib.sha256(self.blocks.train.numpy().tobytes()).hexdigest()[:16]
+        fp["data_sha256"] = _sha(self.blocks.train)
+        if TAIL not in self.heldout:          # only then: checkpoints of runs without --heldout still resume
+            fp["heldout"] = {n: _sha(b) for n, b in self.heldout.items()}
         return fp
 
     # -- the run ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         blob = self._checkpoint_to_resume()
         if blob:
-            self.evals = blob["run"]["evals"]
+            self.evals = _per_text(blob["run"]["evals"])
             for s, d in blob["run"]["stages"].items():
                 self.progress[s] = StageProgress(**d)
-        self._measure("perplexity", "original", lambda: self._ppl(self._teacher_logits))
-        self._measure("perplexity", "converted", lambda: self._ppl(self._student_logits))
+        self._measure_ppl("original", self._teacher_logits)
+        self._measure_ppl("converted", self._student_logits)
         if "transfer" in self.cfg.stages:
             self._measure("layer_mse", "converted", self._layer_mse)
         current = blob["run"]["current"] if blob else None
@@ -130,11 +146,22 @@ class Adaptation:
                 print(f"[eval] {key}: held-out {kind.replace('_', ' ')} {self.evals[kind][key]:,.4g} "
                       f"({time.time() - t:.0f}s)", file=sys.stderr, flush=True)
 
-    def _ppl(self, logits_of) -> float:
-        return perplexity(logits_of, self.blocks.heldout, self.cfg.eval_batch, self.acc)
+    def _measure_ppl(self, key: str, logits_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Held-out perplexity of one model on each held-out text (``evals["perplexity"][key][text]``)."""
+        done = self.evals["perplexity"].setdefault(key, {})
+        for name, blocks in self.heldout.items():
+            if name not in done:
+                t = time.time()
+                done[name] = perplexity(logits_of, blocks, self.cfg.eval_batch, self.acc)
+                self.eval_seconds += time.time() - t
+                if self.acc.is_main_process:
+                    print(f"[eval] {key}: held-out perplexity {done[name]:,.4g} on {name} ({time.time() - t:.0f}s)",
+                          file=sys.stderr, flush=True)
 
     def _layer_mse(self) -> float:
-        return layer_mse(self.student, self.tap, self.blocks.heldout, self.cfg.eval_batch, self.acc)
+        """On the first held-out text: a diagnostic of the transfer stage, not a headline figure."""
+        blocks = next(iter(self.heldout.values()))
+        return layer_mse(self.student, self.tap, blocks, self.cfg.eval_batch, self.acc)
 
     def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
         return teacher_logits(self.teacher, ids)
@@ -165,7 +192,7 @@ class Adaptation:
             else:
                 loop.run(p, model, opt, lambda ids: model(ids, self._teacher_logits(ids)))
             save()
-        self._measure("perplexity", f"after_{stage}", lambda: self._ppl(self._student_logits))
+        self._measure_ppl(f"after_{stage}", self._student_logits)
         if stage == "transfer":
             self._measure("layer_mse", "after_transfer", self._layer_mse)
         if stage != cfg.stages[-1]:
@@ -245,9 +272,21 @@ class Adaptation:
                          "last_loss": c[-1]["loss"] if c else float("nan")}
         return {"model": self.student.args.source.get("name", ""), "variant": self.student.args.variant,
                 "data": self.data,
-                "tokens": {"train": self.blocks.train.numel(), "heldout": self.blocks.heldout.numel()},
+                "tokens": {"train": self.blocks.train.numel(),
+                           "heldout": {n: b.numel() for n, b in self.heldout.items()}},
                 "config": self.cfg.to_dict(), "world_size": self.acc.num_processes, "device": dev,
                 "resumed": self.resume, **self.evals, "stages": stages,
                 "curves": {s: p.curve for s, p in self.progress.items()},
                 "eval_seconds": round(self.eval_seconds, 2), "total_seconds": round(time.time() - self.t0, 2),
                 "notes": notes}
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+
+def _per_text(evals: dict[str, Any]) -> dict[str, Any]:
+    """Figures of a checkpoint written before perplexities were per text (one float each,
+    on the training tail) in today's shape, so such a run still resumes."""
+    ppl = {k: v if isinstance(v, dict) else {TAIL: v} for k, v in evals.get("perplexity", {}).items()}
+    return {**evals, "perplexity": ppl}

@@ -14,7 +14,11 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
                                      "distillation (runs under `accelerate launch` for many processes)")
     p.add_argument("model", help=model_help + "; a converted folder learns from its recorded source model")
     p.add_argument("--data", nargs="+", required=True,
-                   help="text files or folders of .txt files (or the built-in 'shakespeare' / 'pydoc')")
+                   help="text files or folders of .txt files, or built-in texts: 'general' (a mix of "
+                        "several domains), 'shakespeare', 'pydoc', ... (docs/adaptation.md)")
+    p.add_argument("--heldout", nargs="+", default=[], metavar="TEXT",
+                   help="texts scored apart, each on its own (names such as heldout-a heldout-b, or files); "
+                        "default: the end of the training text")
     p.add_argument("--out", required=True, help="output folder: adapted model (export takes it as MODEL) + report")
     p.add_argument("--stages", default="transfer,finetune", help="comma list of: transfer, finetune")
     p.add_argument("--token-budget", default="0", help="training tokens over all stages, e.g. 200k (0 = no limit)")
@@ -30,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--finetune-lr", type=float, default=0.0, help="0 = 1e-3 for lora, 1e-4 for full")
     p.add_argument("--kl-weight", type=float, default=0.7, help="finetune loss = (1-w) CE + w KL(teacher||student)")
     p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to score (at most)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to score (at most, per text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=None, help="the softmax source model, if MODEL does not record it")
     p.add_argument("--checkpoint-dir", default=None, help="default: OUT-checkpoint (removed after success)")
@@ -59,8 +63,9 @@ def run(a: argparse.Namespace) -> None:
                       checkpoint_minutes=a.checkpoint_minutes, checkpoint_steps=a.checkpoint_steps)
     try:
         r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, variant=a.variant, chunk_size=a.chunk_size,
-                  norm_groups=a.norm_groups, window=a.window, window_mode=a.window_mode, checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
-                  keep_checkpoint=a.keep_checkpoint, notes=a.note)
+                  norm_groups=a.norm_groups, window=a.window, window_mode=a.window_mode,
+                  checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
+                  keep_checkpoint=a.keep_checkpoint, notes=a.note, heldout=a.heldout)
     except KeyboardInterrupt:
         print("dijiang-export adapt: run the same command with --resume to continue from the last checkpoint",
               file=sys.stderr)
@@ -69,6 +74,42 @@ def run(a: argparse.Namespace) -> None:
         from accelerate import PartialState
         if not PartialState().is_main_process:
             return
-    ppl = r["perplexity"]
-    print("held-out perplexity: " + ", ".join(f"{k} {v:,.2f}" for k, v in ppl.items()))
+    from .report import by_text
+    for text, ppl in by_text(r["perplexity"]).items():
+        print(f"held-out perplexity on {text}: " + ", ".join(f"{k} {v:,.2f}" for k, v in ppl.items()))
     print(f"wrote {a.out} (model, tokenizer.json, report.json, report.md, loss_curve.png)")
+
+
+def add_evaluate_parser(sub: argparse._SubParsersAction, model_help: str) -> None:
+    p = sub.add_parser("evaluate", help="perplexity of a converted or adapted model (and its softmax source) "
+                                        "on held-out English texts, scored as `adapt --heldout` scores them")
+    p.add_argument("model", help=model_help + "; typically a converted or adapted folder")
+    p.add_argument("--text", nargs="+", required=True, metavar="TEXT",
+                   help="texts to score, each on its own: built-in names (heldout-a, heldout-b, general, ...) "
+                        "or text files")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per scored block")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per text (at most; as adapt)")
+    p.add_argument("--batch", type=int, default=4, help="blocks per forward pass")
+    p.add_argument("--teacher", action="store_true", help="also score the softmax source model MODEL records")
+    p.add_argument("--teacher-model", default=None, metavar="MODEL",
+                   help="the softmax source model to score beside it, where MODEL does not record it")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
+    p.set_defaults(fn=run_evaluate)
+
+
+def run_evaluate(a: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+    from .evaluate import evaluate, table
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    r = evaluate(a.model, a.text, seq_len=a.seq_len, eval_tokens=a.eval_tokens,
+                 teacher=a.teacher_model or a.teacher, batch=a.batch, device=a.device)
+    print(table(r))
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+        print(f"wrote {a.json}")

@@ -1,7 +1,8 @@
-"""Text in, fixed-length token blocks out: a training set and a held-out tail.
+"""Text in, fixed-length token blocks out: a training set and held-out blocks.
 
-The held-out blocks are the *end* of the token stream, so no training block
-overlaps them.  The training order is a seeded permutation per epoch, a pure
+Held-out text is either separate texts (``heldout_blocks``: other documents, other
+domains) or, by default, the *end* of the training stream, so no training block
+overlaps it.  The training order is a seeded permutation per epoch, a pure
 function of the step number: a checkpoint's data position is just its step, and
 every process can compute which sequences of the global batch are its own.
 """
@@ -17,28 +18,34 @@ import torch
 from ..errors import DiJiangError
 from ..text import CORPORA, read_text, sample_text
 
+TAIL = "tail"          # the held-out figures' name for the end of the training stream
+
+
+def load_text(name: str | Path, max_chars: int) -> str:
+    """One text: a built-in name (``text.CORPORA``; a file of that name wins) or a file/folder."""
+    if str(name) in CORPORA and not Path(name).exists():
+        return sample_text(str(name), max_chars=max_chars)
+    if not Path(name).expanduser().exists():
+        raise DiJiangError(f"text file {name} does not exist, and {str(name)!r} is no built-in text "
+                           f"({', '.join(CORPORA)})")
+    return read_text(Path(name).expanduser())
+
 
 def load_corpus(paths: Sequence[str | Path], max_chars: int) -> str:
     """All text of ``paths`` (files, folders of .txt, or the names of built-in corpora)."""
     if not paths:
         raise DiJiangError("no training text: give --data with one or more text files or folders")
-    parts = []
-    for p in paths:
-        if str(p) in CORPORA and not Path(p).exists():
-            parts.append(sample_text(str(p), max_chars=max_chars))
-        else:
-            parts.append(read_text(Path(p).expanduser()))
-    text = "\n\n".join(parts)[:max_chars]
+    text = "\n\n".join(load_text(p, max_chars) for p in paths)[:max_chars]
     if not text.strip():
         raise DiJiangError(f"the training text in {', '.join(map(str, paths))} is empty")
     return text
 
 
-def tokenize(text: str, tokenizer: Any) -> torch.Tensor:
+def tokenize(text: str, tokenizer: Any, what: str = "the training text") -> torch.Tensor:
     """Token ids of ``text`` as one long int64 stream (a ``tokenizers.Tokenizer``)."""
     ids = tokenizer.encode(text).ids
     if not ids:
-        raise DiJiangError("the training text gave no tokens")
+        raise DiJiangError(f"{what} gave no tokens")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -52,15 +59,43 @@ class Blocks:
         return self.train.shape[1]
 
 
-def split_blocks(ids: torch.Tensor, seq_len: int, heldout_fraction: float, eval_tokens: int) -> Blocks:
-    """Pack ``ids`` into ``seq_len`` blocks; the last few (fraction, capped) are held out."""
+def split_blocks(ids: torch.Tensor, seq_len: int, heldout_fraction: float, eval_tokens: int,
+                 hold_tail: bool = True) -> Blocks:
+    """Pack ``ids`` into ``seq_len`` blocks; the last few (fraction, capped) are held out,
+    unless ``hold_tail`` is off (held-out texts of their own): then every block trains."""
     n = ids.numel() // seq_len
-    if n < 2:
-        raise DiJiangError(f"the training text has {ids.numel()} tokens; at least {2 * seq_len} are needed "
-                           f"for a training and a held-out block of {seq_len} tokens (or lower --seq-len)")
-    m = max(1, min(round(n * heldout_fraction), max(1, eval_tokens // seq_len), n - 1))
+    if n < 1 + hold_tail:
+        raise DiJiangError(f"the training text has {ids.numel()} tokens; at least {(1 + hold_tail) * seq_len} "
+                           f"are needed for a training {'and a held-out ' if hold_tail else ''}block of "
+                           f"{seq_len} tokens (or lower --seq-len)")
+    m = max(1, min(round(n * heldout_fraction), max(1, eval_tokens // seq_len), n - 1)) if hold_tail else 0
     blocks = ids[: n * seq_len].view(n, seq_len)
     return Blocks(train=blocks[: n - m].clone(), heldout=blocks[n - m:].clone())
+
+
+def heldout_blocks(ids: torch.Tensor, seq_len: int, eval_tokens: int, name: str) -> torch.Tensor:
+    """The first ``seq_len`` blocks of a held-out text's tokens, at most ``eval_tokens`` in all
+    (at least one block): the blocks ``adapt --heldout`` and ``evaluate`` both score."""
+    n = min(ids.numel() // seq_len, max(1, eval_tokens // seq_len))
+    if n < 1:
+        raise DiJiangError(f"the held-out text {name} has {ids.numel()} tokens, fewer than one block of "
+                           f"{seq_len}; give a longer text or lower --seq-len")
+    return ids[: n * seq_len].view(n, seq_len).clone()
+
+
+def load_heldout(names: Sequence[str | Path], max_chars: int) -> dict[str, str]:
+    """The text of each held-out name, read up front so a bad one fails before a model loads."""
+    texts = {str(n): load_text(n, max_chars) for n in names}
+    empty = [n for n, t in texts.items() if not t.strip()]
+    if empty:
+        raise DiJiangError(f"the held-out text {empty[0]} is empty")
+    return texts
+
+
+def heldout_sets(texts: dict[str, str], tokenizer: Any, seq_len: int, eval_tokens: int) -> dict[str, torch.Tensor]:
+    """Each held-out text tokenized and packed (``heldout_blocks``), by name."""
+    return {n: heldout_blocks(tokenize(t, tokenizer, f"the held-out text {n}"), seq_len, eval_tokens, n)
+            for n, t in texts.items()}
 
 
 class BatchOrder:
