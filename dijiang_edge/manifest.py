@@ -164,6 +164,7 @@ class Manifest(Record):
     state_shape: list[int] | None = None
     tokenizer: str | None = None
     target: dict[str, Any] | None = None    # the device profile (``profiles.Profile.to_manifest``)
+    adapter: dict[str, Any] | None = None   # {"applied": false} or the adapter applied (file, sha256, path)
     texts: Texts = field(default_factory=Texts)
     extras: dict[str, Any] = field(default_factory=dict)
 
