@@ -163,13 +163,18 @@ def save_adapter(student: DiJiangForCausalLM, path: str | Path, *, command: str,
     meta = {"version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": settings_of(student.args), "architecture": architecture_of(student.args),
             "source": source, "source_weights_sha256": weights_sha256(student), "dtype": dtype,
-            "lora": ({"rank": rank, "alpha": scales.pop() * rank, "targets": lora} if lora else None),
+            "lora": _lora_meta(lora, rank, scales.pop()) if lora else None,
             "command": command, "figures": figures}
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt", META_KEY: json.dumps(meta)})
     return path.stat().st_size
+
+
+def _lora_meta(targets: list[str], rank: int, scale: float) -> dict[str, Any]:
+    """``scale`` is stored as well as ``alpha``: ``alpha / rank`` may differ from it in the last bit."""
+    return {"rank": rank, "alpha": scale * rank, "scale": scale, "targets": targets}
 
 
 # -- reading --------------------------------------------------------------------
@@ -192,7 +197,7 @@ class Adapter:
     @property
     def scale(self) -> float:
         lo = self.meta["lora"]
-        return lo["alpha"] / lo["rank"] if lo else 0.0
+        return float(lo["scale"]) if lo else 0.0
 
     def record(self) -> dict[str, Any]:
         """What a manifest or config records of the adapter that was applied."""
@@ -242,6 +247,7 @@ def _parse_meta(p: Path, raw: str | None) -> dict[str, Any]:
         raise DiJiangError(f"{p} is adapter format version {got!r}; this dijiang-edge reads version "
                            f"{FORMAT_VERSION}: use the dijiang-edge release that made it, or rerun `adapt`")
     missing = [k for k in ("settings", "architecture", "source", "source_weights_sha256", "lora") if k not in meta]
+    missing += [f"lora.{k}" for k in ("rank", "scale", "targets") if meta.get("lora") and k not in meta["lora"]]
     if missing:
         raise DiJiangError(f"{p}: the adapter metadata lacks {', '.join(missing)}; the file is damaged: rerun `adapt`")
     return meta

@@ -164,9 +164,9 @@ def cmd_export(a: argparse.Namespace) -> None:
                target=target, adapter=_adapter(a), **opts)
     for f in m["files"]:
         print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} {f.get('role', ''):<8} {f.get('parity', {})}")
-    ad = m["adapter"]
+    ad = m.get("adapter") or {}
     print(f"wrote {a.out}/manifest.json" + (f" (target {prof.name}: {prof.description})" if prof else "")
-          + (f", adapter {ad['file']}" if ad["applied"] else ", no adapter"))
+          + (f", adapter {ad['file']}" if ad.get("applied") else ", no adapter"))
 
 
 def cmd_check(a: argparse.Namespace) -> int:

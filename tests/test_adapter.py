@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_err, tiny_hf, word_tokenizer
 from dijiang_edge import adapter as AD
-from dijiang_edge.adapt import AdaptConfig, adapt
+from dijiang_edge.adapt import AdaptConfig
 from dijiang_edge.adapt.lora import add_lora
 from dijiang_edge.adapt.objectives import is_new_param
 from dijiang_edge.cli import main as cli_main
@@ -38,18 +38,22 @@ def src(tmp_path_factory, one_thread) -> Path:
     return root
 
 
+ADAPT = ["adapt", "MODEL", "--data", "TEXT", "--out", "OUT", "--token-budget", "2560", "--seq-len", "32",
+         "--eval-tokens", "256", "--lora-rank", "4", "--warmup-steps", "2", "--checkpoint-minutes", "0"]
+
+
 @pytest.fixture(scope="module")
 def adapted(src) -> Path:
-    """A real ``adapt`` run (transfer, then LoRA finetune) on the tiny model: OUT folder."""
-    cfg = AdaptConfig(seq_len=32, batch_size=4, eval_tokens=256, eval_batch=4, log_seconds=1e9,
-                      warmup_steps=2, checkpoint_minutes=0, token_budget=20 * 128, lora_rank=4, lora_alpha=8.0)
-    adapt(str(src / "model"), [str(src / "train.txt")], src / "out", cfg, command="dijiang-export adapt test")
+    """A real ``dijiang-export adapt`` run (transfer, then LoRA finetune; alpha = 2 x rank)
+    on the tiny model: its OUT folder."""
+    where = {"MODEL": src / "model", "TEXT": src / "train.txt", "OUT": src / "out"}
+    assert cli_main([str(where.get(a, a)) for a in ADAPT]) == 0
     return src / "out"
 
 
-def _student(src: Path, rank: int = 3) -> DiJiangForCausalLM:
+def _student(src: Path, rank: int = 3, **options) -> DiJiangForCausalLM:
     """A converted model with LoRA on and every adapted tensor moved off its initial value."""
-    student = convert(str(src / "model"), adapter=None)
+    student = convert(str(src / "model"), adapter=None, **options)
     add_lora(student, rank, 2.0 * rank, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -93,7 +97,7 @@ def test_adapter_holds_only_what_adaptation_changed(adapted, src):
     assert meta["lora"]["rank"] == 4 and meta["lora"]["alpha"] == 8.0 and len(ad.lora) == len(lora) // 2
     assert {t.rsplit(".", 1)[-1] for t in meta["lora"]["targets"]} == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert meta["command"] == "dijiang-export adapt test"
+    assert meta["command"].startswith("dijiang-export adapt ") and "--lora-rank 4" in meta["command"]
     assert meta["figures"]["perplexity"] == report["perplexity"]
     assert meta["settings"] == AD.settings_of(convert(str(src / "model"), adapter=None).args)
     assert meta["source"]["name"] == str(src / "model") and all(t.dtype == torch.float32 for t in tensors.values())
@@ -123,6 +127,19 @@ def test_size_formula_and_16_bit_storage(src, tmp_path, dtype, bar):
     assert all(t.dtype == AD.DTYPES[dtype] for t in load_file(str(path)).values())
     got = AD.apply_adapter(AD.load_adapter(path), str(src / "model"))
     assert rel_err(got(IDS)[0], student(IDS)[0]) < bar
+
+
+@torch.no_grad()
+def test_a_setting_no_conversion_option_sets_is_rebuilt(src, tmp_path):
+    """``eps`` is no option of ``convert``: the stored value still rebuilds the model exactly."""
+    student = _student(src, variant="normalized")
+    student.args.eps = 1e-2                     # every layer reads this ModelArgs
+    AD.save_adapter(student, tmp_path / "a.safetensors", command="test", figures={})
+    got = AD.apply_adapter(AD.load_adapter(tmp_path / "a.safetensors"), str(src / "model"))
+    assert got.args.eps == 1e-2 and got.args.variant == "normalized"
+    assert rel_err(got(IDS)[0], student(IDS)[0]) < 1e-6
+    student.args.eps = 1e-6
+    assert rel_err(got(IDS)[0], student(IDS)[0]) > 1e-6        # eps mattered: the test can fail
 
 
 def test_shipped_adapter_is_at_most_32_mb(src, tmp_path):
@@ -160,6 +177,11 @@ def test_wrong_source_and_clashing_options_are_refused(adapted, src, tmp_path):
         AD.save_adapter(merged, tmp_path / "b.safetensors", command="", figures={})
     with pytest.raises(DiJiangError, match="full finetune"):
         AD.save_adapter(_student(src), tmp_path / "c.safetensors", command="", figures={}, finetune_mode="full")
+
+
+def test_adapter_dtype_is_checked_before_any_work():
+    with pytest.raises(DiJiangError, match="adapter dtype 'int4'"):
+        AdaptConfig(token_budget=1000, adapter_dtype="int4")
 
 
 def test_missing_damaged_and_foreign_files_are_one_line_errors(adapted, tmp_path):

@@ -10,6 +10,7 @@ from typing import Callable
 
 def add_parser(sub: argparse._SubParsersAction, model_help: str,
                add_convert_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    from .config import ADAPTER_DTYPES
     p = sub.add_parser("adapt", help="adapt a converted model: attention transfer, then fine-tuning with "
                                      "distillation (runs under `accelerate launch` for many processes)")
     p.add_argument("model", help=model_help + "; a converted folder learns from its recorded source model")
@@ -41,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--force", action="store_true", help="replace OUT and any old checkpoint")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
     p.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
-    p.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
                    help="tensors of OUT/adapter.safetensors (16-bit: half the size)")
     add_convert_options(p)
     p.set_defaults(fn=run, variant="official")     # adapts best per token (docs/adaptation.md)
