@@ -105,9 +105,11 @@ def reference_model(manifest: dict, model: str | None):
     src = model or manifest.get("exported_from") or manifest.get("source", {}).get("name")
     if not src:
         raise DiJiangError("manifest.json does not say which model was exported; pass --model MODEL")
-    opts = {k: v for k, v in manifest.get("dijiang", {}).items() if k in ("variant", "chunk_size", "norm_groups")}
+    opts = {k: v for k, v in manifest.get("dijiang", {}).items() if k in ("variant", "chunk_size", "norm_groups", "window",
+                                                                                "window_mode")}
+    rec = manifest.get("adapter") or {}         # folders from before adapters: none was applied
     try:
-        m = convert(src, **opts).eval()
+        m = convert(src, adapter=rec.get("path") if rec.get("applied") else None, **opts).eval()
     except DiJiangError as e:
         raise DiJiangError(f"cannot load the reference model {src} ({e}); pass --model MODEL "
                            f"(the model the folder was exported from)") from None

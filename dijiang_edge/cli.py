@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -19,7 +20,8 @@ from .errors import DiJiangError
 
 ATTENTION_LENGTHS = [1024, 4096, 16384]
 MODEL_HELP = ("a local Hugging Face model folder, a .gguf file, a converted or official DiJiang "
-              "checkpoint folder, or 'default' (the embedded SmolLM2-135M-Instruct)")
+              "checkpoint folder, or 'default' (the embedded SmolLM2-135M-Instruct, with its shipped "
+              "adapter where the package has one)")
 
 
 def _quiet() -> None:
@@ -31,8 +33,26 @@ def _quiet() -> None:
 
 
 def _convert_options(a: argparse.Namespace) -> dict:
-    return {"variant": a.variant, "chunk_size": a.chunk_size, "norm_groups": a.norm_groups,
+    """The conversion flags given (``None``: not given, so an adapter's settings or the defaults hold)."""
+    opts = {"variant": a.variant, "chunk_size": a.chunk_size, "norm_groups": a.norm_groups,
             "window": a.window, "window_mode": a.window_mode}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _add_adapter_options(p: argparse.ArgumentParser) -> None:
+    """``--adapter FILE`` / ``--no-adapter`` and conversion flags that default to "not given"."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--adapter", default=None, metavar="FILE",
+                   help="apply this adapter (an adapter.safetensors from `adapt`) to the source MODEL")
+    g.add_argument("--no-adapter", action="store_true",
+                   help="the plain conversion: 'default' without its shipped adapter")
+    p.set_defaults(variant=None, chunk_size=None, norm_groups=None, window=None, window_mode=None)
+
+
+def _adapter(a: argparse.Namespace):
+    """What ``convert`` gets as ``adapter``: a file, None (``--no-adapter``) or "auto"."""
+    from .adapter import AUTO
+    return None if a.no_adapter else (a.adapter or AUTO)
 
 
 def _add_convert_options(p: argparse.ArgumentParser) -> None:
@@ -54,14 +74,17 @@ def cmd_convert(a: argparse.Namespace) -> None:
     from .exporters import check_out, staged_dir, tokenizer_source
     from .tokenizer import save_tokenizer
     t0 = time.time()
+    from .adapter import applied
     check_out(a.out, a.force)
-    model = convert(a.model, **_convert_options(a))
+    model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
     with staged_dir(a.out, a.force) as tmp:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer_source(a.model, model), tmp)
     st = model.init_state(1)
+    ad = applied(model)
     print(f"converted {model.args.source.get('name', a.model)} -> {a.out} "
           f"({model.num_params() / 1e6:.1f}M params, variant {model.args.variant}, window {model.args.window}, "
+          f"{'adapter ' + ad['file'] if ad['applied'] else 'no adapter'}, "
           f"state {st.nbytes() / 1e6:.2f} MB per sequence at any length, {time.time() - t0:.1f}s)")
 
 
@@ -95,6 +118,9 @@ def _generate_export(a: argparse.Namespace) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     if (Path(a.model) / "manifest.json").exists():
+        if a.adapter or a.no_adapter:
+            raise DiJiangError(f"{a.model} is an export folder, converted already; --adapter and "
+                               "--no-adapter apply when converting a source MODEL")
         _generate_export(a)
         return
     import torch
@@ -102,7 +128,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from .generation import stream
     from .tokenizer import load_tokenizer, resolve_source
     from .exporters import tokenizer_source
-    model = convert(a.model, **_convert_options(a))
+    model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
     src = resolve_source(tokenizer_source(a.model, model))
     tok = load_tokenizer(src if src.is_dir() else src.parent)
     ids = torch.tensor([tok.encode(a.prompt).ids])
@@ -128,7 +154,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     if a.qlinear or a.qembedding:       # ExecuTorch's recipe names: one more .pte quantization
         from .exporters.executorch import quant_label
         quants = list(dict.fromkeys(quants + [quant_label(a.qlinear, a.qembedding)]))
-    a.variant = a.variant or (prof.variant if prof else None) or "official"
+    a.variant = a.variant or (prof.variant if prof else None)     # None: the adapter's, else official
     opts = prof.export_options(formats) if prof else {}
     if a.max_context:
         opts["max_context_len"] = a.max_context
@@ -141,10 +167,12 @@ def cmd_export(a: argparse.Namespace) -> None:
         if "max_context_len" in opts:
             target["max_context"] = opts["max_context_len"]
     m = export(a.model, a.out, formats, quants, force=a.force, convert_options=_convert_options(a),
-               target=target, **opts)
+               target=target, adapter=_adapter(a), **opts)
     for f in m["files"]:
         print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} {f.get('role', ''):<8} {f.get('parity', {})}")
-    print(f"wrote {a.out}/manifest.json" + (f" (target {prof.name}: {prof.description})" if prof else ""))
+    ad = m.get("adapter") or {}
+    print(f"wrote {a.out}/manifest.json" + (f" (target {prof.name}: {prof.description})" if prof else "")
+          + (f", adapter {ad['file']}" if ad.get("applied") else ", no adapter"))
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -294,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     _add_convert_options(p)
+    _add_adapter_options(p)
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text from a model or an exported folder")
@@ -308,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, help="for export folders: onnx or pte (needed where it has both)")
     p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (needed where it has both)")
     _add_convert_options(p)
+    _add_adapter_options(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", help="convert and export to ONNX and/or ExecuTorch, with parity checks")
@@ -334,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "8/4-bit weights); --quant int8 = --qlinear 8da8w --qembedding 8w")
     p.add_argument("--qembedding", choices=["8w"], default=None, help="pte: 8-bit per-row embedding table")
     _add_convert_options(p)
-    p.set_defaults(fn=cmd_export, variant=None)          # None: the target's variant, else official
+    _add_adapter_options(p)                               # variant None: the target's, else the default
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("check", help="run every exported file of a folder against PyTorch on English "
                                      "text, on each platform tier; print a pass/fail table")
@@ -373,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["dijiang-export", *(sys.argv[1:] if argv is None else argv)])
     try:
         code = args.fn(args)
     except DiJiangError as e:

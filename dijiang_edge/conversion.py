@@ -8,6 +8,7 @@ partial rotary), plus checkpoints trained with the official DiJiang GPT-NeoX cod
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .adapter import AUTO, choose
 from .errors import DiJiangError
 from .model import VARIANTS, DiJiangForCausalLM, ModelArgs, check_args
 
@@ -303,7 +305,7 @@ def load_source(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     return model, source
 
 
-def convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:
+def convert(model_or_path: Any, adapter: str | os.PathLike | None = AUTO, **options: Any) -> DiJiangForCausalLM:
     """Return ``model_or_path`` with DiJiang attention (a ``DiJiangForCausalLM``).
 
     ``model_or_path``: a transformers model object; a local folder (a Hugging Face
@@ -313,7 +315,34 @@ def convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:
     ``chunk_size``, ``norm_groups`` (0 = one GroupNorm group per head), ``window``
     (exact softmax over the last ``window`` tokens beside DiJiang; 0 = none) and
     ``window_mode`` ("shared" or "mix", ``DiJiangAttention.finish``).
+    ``adapter``: an adapter file to apply (``adapter.py``; its settings are then the
+    options), ``None`` for none, or ``"auto"``: the shipped adapter for ``"default"``.
     """
+    path = choose(model_or_path, adapter)
+    if path is None:
+        return _convert(model_or_path, **options)
+    from .adapter import apply_adapter, load_adapter
+    ad = load_adapter(path)
+    if _is_converted(model_or_path):
+        model = _convert(model_or_path)
+        if (model.args.source.get("adapter") or {}).get("sha256") != ad.sha256:
+            raise DiJiangError(f"{model_or_path} is already converted; an adapter applies to the source "
+                               f"model: give that (the converted model records {model.args.source.get('name')})")
+        return model                      # this adapter is in it already
+    return apply_adapter(ad, model_or_path, **options)
+
+
+def _is_converted(model_or_path: Any) -> bool:
+    if isinstance(model_or_path, torch.nn.Module):
+        return isinstance(model_or_path, DiJiangForCausalLM)
+    cfg = Path(str(model_or_path)).expanduser() / "config.json"
+    if not cfg.is_file():
+        return False
+    return json.loads(cfg.read_text()).get("model_type") == "dijiang"
+
+
+def _convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:
+    """``convert`` without an adapter."""
     if isinstance(model_or_path, DiJiangForCausalLM):
         return model_or_path
     if isinstance(model_or_path, torch.nn.Module):
@@ -323,7 +352,6 @@ def convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:
         model_or_path = default_source_dir()
     p = Path(model_or_path).expanduser()
     if p.is_dir() and (p / "config.json").exists():
-        import json
         cfg_json = json.loads((p / "config.json").read_text())
         if cfg_json.get("model_type") == "dijiang":
             return DiJiangForCausalLM.from_pretrained(p)

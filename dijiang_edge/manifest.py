@@ -34,7 +34,7 @@ from .errors import DiJiangError
 
 NAME = "manifest.json"
 ROLES = ("prefill", "decode", "both")
-DIJIANG_SETTINGS = ("variant", "chunk_size", "norm_groups", "pos_table_len", "eps")
+DIJIANG_SETTINGS = ("variant", "chunk_size", "norm_groups", "pos_table_len", "eps", "window", "window_mode")
 MODEL_FACTS = ("arch", "vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                "bos_id", "eos_ids")
 
@@ -164,6 +164,7 @@ class Manifest(Record):
     state_shape: list[int] | None = None
     tokenizer: str | None = None
     target: dict[str, Any] | None = None    # the device profile (``profiles.Profile.to_manifest``)
+    adapter: dict[str, Any] | None = None   # {"applied": false} or the adapter applied (file, sha256, path)
     texts: Texts = field(default_factory=Texts)
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -97,6 +97,8 @@ def test_finetune_lowers_loss_and_output_loads(tiny, mode, lr):
     assert not any("parametrizations" in k for k in model.state_dict())
     for f in ("tokenizer.json", "report.json", "report.md", "loss_curve.png", "config.json"):
         assert (tiny / out / f).exists(), f
+    assert (tiny / out / "adapter.safetensors").exists() == (mode == "lora")     # full: every weight changed
+    assert (r["adapter"]["file"] is None) == (mode == "full")
 
 
 def test_kill_and_resume_gives_the_same_final_loss(tiny):

@@ -27,6 +27,7 @@ from conftest import word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("dijiang_edge", "export", "pyproject.toml", "README.md")
+PROBE = "dijiang_edge/adapters/wheel-probe.safetensors"
 
 
 def _run(cmd: list, cwd: Path, **kw) -> subprocess.CompletedProcess:
@@ -45,6 +46,8 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / name, src / name)
+    (src / PROBE).parent.mkdir(exist_ok=True)      # proves the adapters' package-data rule packs a file
+    (src / PROBE).write_bytes(b"")
     dist = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", src, "-w", dist], src)
     (whl,) = dist.glob("dijiang_edge-*.whl")
@@ -80,6 +83,8 @@ def test_wheel_holds_every_module_and_the_shipped_files(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "dijiang_edge").rglob("*.py")}
     assert modules - names == set(), "pyproject.toml [tool.setuptools] packages misses these"
+    adapters = {p.relative_to(REPO).as_posix() for p in (REPO / "dijiang_edge" / "adapters").glob("*.safetensors")}
+    assert (adapters | {PROBE}) - names == set(), "pyproject.toml package-data misses the shipped adapter(s)"
     for folder in ("profiles", "runner"):
         shipped = {p.relative_to(REPO / "export").as_posix() for p in (REPO / "export" / folder).iterdir()}
         assert {f"dijiang_edge/_export/{s}" for s in shipped} <= names, folder

@@ -28,6 +28,7 @@ from .report import write_report
 from .teacher import AttentionTap, teacher_logits
 from .train import Budget, Loop, StageProgress
 
+ADAPTER_FILE = "adapter.safetensors"
 FINGERPRINT_FIELDS = ("stages", "transfer_share", "seq_len", "batch_size", "transfer_lr", "finetune_lr",
                       "finetune_mode", "lora_rank", "lora_alpha", "kl_weight", "warmup_steps", "grad_clip",
                       "heldout_fraction", "eval_tokens", "seed")
@@ -39,27 +40,30 @@ def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: Adapt
           checkpoint_dir: str | Path | None = None, resume: bool = False,
           force: bool = False, keep_checkpoint: bool = False, notes: Sequence[str] = (),
           on_step: Callable[[StageProgress], None] | None = None, cpu: bool = False,
-          heldout: Sequence[str | Path] = ()) -> dict[str, Any]:
+          heldout: Sequence[str | Path] = (), command: str | None = None) -> dict[str, Any]:
     """Adapt ``model`` to DiJiang attention on the text of ``data``; write it to ``out``.
 
     ``model``: as for ``convert`` ("default", a folder, a .gguf, a transformers model,
     or an already converted folder whose source model is the teacher).  ``heldout``:
     texts (names or files) scored apart, each on its own; without them, the tail of
     the training stream is.  Returns the report (also in ``out/report.json``).
-    ``on_step`` is called after every step.
+    ``on_step`` is called after every step.  ``command``: the command line recorded in
+    ``out/adapter.safetensors``.
     """
     return Adaptation(model, data, out, config or AdaptConfig(token_budget=100_000), tokenizer=tokenizer,
                       teacher=teacher, convert_options=dict(variant=variant, chunk_size=chunk_size,
                                                             norm_groups=norm_groups, window=window,
                                                             window_mode=window_mode),
                       checkpoint_dir=checkpoint_dir, resume=resume, force=force, keep_checkpoint=keep_checkpoint,
-                      notes=list(notes), on_step=on_step, cpu=cpu, heldout=heldout).run()
+                      notes=list(notes), on_step=on_step, cpu=cpu, heldout=heldout, command=command).run()
 
 
 class Adaptation:
     def __init__(self, model, data, out, cfg: AdaptConfig, *, tokenizer, teacher, convert_options,
-                 checkpoint_dir, resume, force, keep_checkpoint, notes, on_step, cpu, heldout=()):
+                 checkpoint_dir, resume, force, keep_checkpoint, notes, on_step, cpu, heldout=(), command=None):
         self.t0 = time.time()
+        self.source_name = "default" if str(model) == "default" else None     # not its cache folder
+        self.command = command or f"adapt({model!r}, {[str(d) for d in data]!r}, AdaptConfig(**{cfg.to_dict()!r}))"
         self.cfg, self.out, self.force, self.resume = cfg, Path(out), force, resume
         self.keep_checkpoint, self.notes, self.on_step = keep_checkpoint, notes, on_step
         self.data = [str(d) for d in data]
@@ -242,8 +246,9 @@ class Adaptation:
         from ..exporters import staged_dir
         report = self._report()
         if self.acc.is_main_process:
-            merge_lora(self.student)
             with staged_dir(self.out, self.force) as tmp:
+                report["adapter"] = self._write_adapter(tmp, report)
+                merge_lora(self.student)
                 self.student.cpu().save_pretrained(tmp)
                 for f in Path(self.tok_dir).iterdir():
                     shutil.copy2(f, tmp / f.name)
@@ -253,6 +258,24 @@ class Adaptation:
         self.acc.wait_for_everyone()
         self.scratch.cleanup()
         return report
+
+    def _write_adapter(self, folder: Path, report: dict[str, Any]) -> dict[str, Any]:
+        """``adapter.safetensors`` (before LoRA is merged): what adaptation changed, small;
+        a full finetune changed every weight and has none (the merged model is the output)."""
+        from ..adapter import save_adapter
+        cfg = self.cfg
+        figures = {k: report[k] for k in ("perplexity", "layer_mse", "tokens", "data") if k in report}
+        full = "finetune" in cfg.stages and cfg.finetune_mode == "full"
+        try:
+            size = save_adapter(self.student, folder / ADAPTER_FILE, command=self.command, figures=figures,
+                                dtype=cfg.adapter_dtype, finetune_mode="full" if full else "lora",
+                                source_name=self.source_name)
+        except DiJiangError as e:        # no adapter is possible: the merged model is still written
+            report["notes"].append(f"no {ADAPTER_FILE}: {e}")
+            return {"file": None, "why": str(e)}
+        report["notes"].append(f"{ADAPTER_FILE}: {size / 1e6:.2f} MB ({cfg.adapter_dtype}; the DiJiang "
+                               "parameters and LoRA factors, for `--adapter`)")
+        return {"file": ADAPTER_FILE, "bytes": size, "dtype": cfg.adapter_dtype}
 
     def _device_name(self) -> str:
         if self.acc.device.type == "cuda":

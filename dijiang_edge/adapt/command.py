@@ -10,6 +10,7 @@ from typing import Callable
 
 def add_parser(sub: argparse._SubParsersAction, model_help: str,
                add_convert_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    from .config import ADAPTER_DTYPES
     p = sub.add_parser("adapt", help="adapt a converted model: attention transfer, then fine-tuning with "
                                      "distillation (runs under `accelerate launch` for many processes)")
     p.add_argument("model", help=model_help + "; a converted folder learns from its recorded source model")
@@ -45,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--force", action="store_true", help="replace OUT and any old checkpoint")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
     p.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
+    p.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
+                   help="tensors of OUT/adapter.safetensors (16-bit: half the size)")
     add_convert_options(p)
     p.set_defaults(fn=run, variant="official")     # adapts best per token (docs/adaptation.md)
 
@@ -60,12 +63,14 @@ def run(a: argparse.Namespace) -> None:
                       lora_rank=a.lora_rank, lora_alpha=2.0 * a.lora_rank, transfer_lr=a.transfer_lr,
                       finetune_lr=a.finetune_lr, kl_weight=a.kl_weight, warmup_steps=a.warmup_steps,
                       eval_tokens=a.eval_tokens, seed=a.seed,
-                      checkpoint_minutes=a.checkpoint_minutes, checkpoint_steps=a.checkpoint_steps)
+                      checkpoint_minutes=a.checkpoint_minutes, checkpoint_steps=a.checkpoint_steps,
+                      adapter_dtype=a.adapter_dtype)
     try:
         r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, variant=a.variant, chunk_size=a.chunk_size,
                   norm_groups=a.norm_groups, window=a.window, window_mode=a.window_mode,
                   checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
-                  keep_checkpoint=a.keep_checkpoint, notes=a.note, heldout=a.heldout)
+                  keep_checkpoint=a.keep_checkpoint, notes=a.note, heldout=a.heldout,
+                  command=getattr(a, "command_line", None))
     except KeyboardInterrupt:
         print("dijiang-export adapt: run the same command with --resume to continue from the last checkpoint",
               file=sys.stderr)
@@ -77,7 +82,8 @@ def run(a: argparse.Namespace) -> None:
     from .report import by_text
     for text, ppl in by_text(r["perplexity"]).items():
         print(f"held-out perplexity on {text}: " + ", ".join(f"{k} {v:,.2f}" for k, v in ppl.items()))
-    print(f"wrote {a.out} (model, tokenizer.json, report.json, report.md, loss_curve.png)")
+    ad = "adapter.safetensors, " if (r.get("adapter") or {}).get("file") else ""
+    print(f"wrote {a.out} (model, {ad}tokenizer.json, report.json, report.md, loss_curve.png)")
 
 
 def add_evaluate_parser(sub: argparse._SubParsersAction, model_help: str) -> None:

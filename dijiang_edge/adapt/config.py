@@ -10,6 +10,7 @@ from ..errors import DiJiangError
 
 STAGES = ("transfer", "finetune")
 FINETUNE_MODES = ("lora", "full")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")      # adapter.safetensors' tensors
 
 
 @dataclass
@@ -42,6 +43,7 @@ class AdaptConfig:
     checkpoint_steps: int = 0          # 0 = by time only
     checkpoint_minutes: float = 5.0
     log_seconds: float = 10.0
+    adapter_dtype: str = "float32"     # of adapter.safetensors; 16-bit halves its size
 
     def __post_init__(self) -> None:
         if isinstance(self.stages, str):
@@ -53,6 +55,8 @@ class AdaptConfig:
         self.stages = tuple(s for s in STAGES if s in self.stages)     # always in order
         if self.finetune_mode not in FINETUNE_MODES:
             raise DiJiangError(f"finetune mode {self.finetune_mode!r}; choose from {', '.join(FINETUNE_MODES)}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise DiJiangError(f"adapter dtype {self.adapter_dtype!r}; choose from {', '.join(ADAPTER_DTYPES)}")
         if self.token_budget <= 0 and self.time_budget <= 0:
             raise DiJiangError("give a budget: --token-budget (e.g. 200k) and/or --time-budget (e.g. 20m)")
         if not 0 < self.transfer_share < 1:

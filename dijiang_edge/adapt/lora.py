@@ -8,6 +8,7 @@ A parametrization keeps every parameter name and the model code untouched, and
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -29,15 +30,22 @@ class LowRank(nn.Module):
         return w + (self.B @ self.A).to(w.dtype) * self.scale
 
 
+def lora_targets(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """The source projections of every layer that get a low-rank update (one rule for
+    ``add_lora`` and for the adapter's size, ``adapter.adapter_nbytes``)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.startswith("layers.") and name.rsplit(".", 1)[-1] in TARGETS:
+            yield name, mod
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> list[nn.Parameter]:
     """Parametrize the source projections of every layer; returns the new (A, B) parameters."""
     gen = torch.Generator().manual_seed(seed)
     params: list[nn.Parameter] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.startswith("layers.") and name.rsplit(".", 1)[-1] in TARGETS:
-            lr = LowRank(mod.out_features, mod.in_features, rank, alpha, gen).to(mod.weight.device)
-            parametrize.register_parametrization(mod, "weight", lr)
-            params += [lr.A, lr.B]
+    for _, mod in list(lora_targets(model)):
+        lr = LowRank(mod.out_features, mod.in_features, rank, alpha, gen).to(mod.weight.device)
+        parametrize.register_parametrization(mod, "weight", lr)
+        params += [lr.A, lr.B]
     return params
 
 

@@ -136,14 +136,16 @@ def _model_path(model_src: str | Path) -> str:
 def export(model_src: str, out: str | Path, formats: list[str], quants: list[str],
            force: bool = False, convert_options: dict | None = None, target: dict | None = None,
            parity_text: str = PARITY_TEXT, calibration_text: str = CALIBRATION_TEXT,
-           **opts: Any) -> M.Manifest:
+           adapter: str | Path | None = "auto", **opts: Any) -> M.Manifest:
     """Convert ``model_src`` and export it in each format and quantization into ``out``.
 
     ``target``: the device profile the files are for (``profiles.Profile.to_manifest``);
     ``parity_text``/``calibration_text``: the English texts of the parity figures and of
     the int8 calibration (names of ``text.CORPORA`` or text files), both recorded in the
-    manifest.  Returns the manifest (also written to ``out/manifest.json``).
+    manifest; ``adapter``: as for ``conversion.convert`` (the manifest records which one
+    was applied, or none).  Returns the manifest (also written to ``out/manifest.json``).
     """
+    from ..adapter import applied
     from ..conversion import convert
     from ..tokenizer import save_tokenizer
     exporters = {f: exporter(f) for f in formats}          # fail fast on a missing runtime
@@ -151,7 +153,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
         check_texts(parity_text, calibration_text)         # int8 .pte files calibrate: before any work
     routed = route_options(exporters, {**opts, "parity_text": parity_text, "calibration_text": calibration_text})
     check_out(out, force)
-    model = convert(model_src, **(convert_options or {}))
+    model = convert(model_src, adapter=adapter, **(convert_options or {}))
     memo = Memo(model)
     with staged_dir(out, force) as tmp:
         save_tokenizer(tokenizer_source(model_src, model), tmp)
@@ -165,6 +167,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
             exported_from=_model_path(model_src),
             dijiang={k: getattr(model.args, k) for k in M.DIJIANG_SETTINGS},
             state_shape=list(model.state_shape(1)), tokenizer="tokenizer.json", target=target or None,
+            adapter=applied(model),
             texts=M.Texts(parity=parity_text if any(f.parity for f in files) else None,
                           calibration=calibration_text if calibrated else None))
         M.write(tmp, manifest)
