@@ -207,6 +207,12 @@ def rope_tables(positions: Tensor, inv_freq: Tensor, head_dim: int, scaling: flo
     return cos, sin
 
 
+def rope_permutation(a: ModelArgs) -> Tensor:
+    """The channel order ``rotate_half`` gathers in ONNX: each rotary half swapped, the rest kept."""
+    rd, half = a.rotary_dim, a.rotary_dim // 2
+    return torch.tensor(list(range(half, rd)) + list(range(half)) + list(range(rd, a.head_dim)), dtype=torch.long)
+
+
 def apply_rope(x: Tensor, ctx: Context, perm: Tensor, rotary_dim: int) -> Tensor:
     """RoPE on ``x [B, T, heads, head_dim]`` (q and k heads together)."""
     return x * ctx.cos + ops.rotate_half(x, perm, rotary_dim) * ctx.sin
@@ -242,9 +248,7 @@ class DiJiangAttention(nn.Module):
             self.gate = nn.Linear(a.hidden_size, a.v_dim, bias=False)
         if a.variant == "official":
             self.group_norm = GroupNorm(a.norm_groups or h, a.v_dim)
-        rd, half = a.rotary_dim, a.rotary_dim // 2
-        perm = list(range(half, rd)) + list(range(half)) + list(range(rd, d))
-        self.register_buffer("rope_perm", torch.tensor(perm, dtype=torch.long), persistent=False)
+        self.register_buffer("rope_perm", rope_permutation(a), persistent=False)
         if a.window:
             self.window_weight = nn.Parameter(torch.zeros(h))       # per head, see ``finish``
         self.window_block = 256           # eager: long prompts scored in query blocks; exports: 0
@@ -592,6 +596,8 @@ class DiJiangForCausalLM(nn.Module):
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         if args.tie_embeddings:
             model.lm_head.weight = model.embed.weight
+        for layer in model.layers:           # not in the file: to_empty left them uninitialised
+            layer.attn.rope_perm = rope_permutation(args)
         return model.eval()
 
     def num_params(self) -> int:

@@ -169,3 +169,15 @@ def test_sampling_is_seeded_and_honours_temperature_and_top_k(hf_models):
         logits = model(torch.tensor([ids[0].tolist() + toks]))[0][0, 3:-1]     # the logits each token came from
     assert all(t in row.topk(k).indices.tolist() for t, row in zip(toks, logits)), toks
     assert len(set(toks)) > 1                                                   # sampled, not greedy
+
+
+def test_a_saved_model_loads_every_buffer(hf_models, tmp_path):
+    """Buffers not in the file (``persistent=False``) are rebuilt on load, not left as
+    the uninitialised memory of ``to_empty`` (the ONNX RoPE gather read them)."""
+    model = dijiang_edge.convert(hf_models["gpt_neox"], chunk_size=8)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    want = dict(model.named_buffers())
+    got = dict(loaded.named_buffers())
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -101,6 +101,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction, model_help: str) -> Non
                    help="the softmax source model to score beside it, where MODEL does not record it")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--window-only", action="store_true",
+                   help="also score the model with its DiJiang part off (the window alone) and, with a "
+                        "teacher, the long-range recovery")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     p.set_defaults(fn=run_evaluate)
 
@@ -114,7 +117,8 @@ def run_evaluate(a: argparse.Namespace) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     r = evaluate(a.model, a.text, seq_len=a.seq_len, eval_tokens=a.eval_tokens,
-                 teacher=a.teacher_model or a.teacher, batch=a.batch, device=a.device)
+                 teacher=a.teacher_model or a.teacher, batch=a.batch, device=a.device,
+                 window_only=a.window_only)
     print(table(r))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2) + "\n")

@@ -76,11 +76,16 @@ def _load(model: Any, teacher: bool | str) -> tuple[Any, Any, Path, Any]:
 
 
 def evaluate(model: Any, texts: Sequence[str | Path], *, seq_len: int = 256, eval_tokens: int = 8192,
-             teacher: bool | str = False, batch: int = 4, device: str = "cpu") -> dict[str, Any]:
+             teacher: bool | str = False, batch: int = 4, device: str = "cpu",
+             window_only: bool = False) -> dict[str, Any]:
     """Perplexity of ``model`` (a converted or adapted folder, or anything ``convert`` takes)
     on each text, scored exactly as ``adapt --heldout`` scores it: the first ``seq_len``
     blocks of the text's tokens, at most ``eval_tokens`` per text.  ``teacher``: also the
-    softmax source model (True: the one the folder records; a string: that model)."""
+    softmax source model (True: the one the folder records; a string: that model).
+    ``window_only``: also the model with its DiJiang part switched off (a windowed model
+    only), and with a teacher the long-range recovery ``(window_only - model) /
+    (window_only - teacher)``: the share of what the window alone misses that DiJiang
+    brings back."""
     from ..tokenizer import load_tokenizer
     from .data import heldout_sets, load_heldout
     if seq_len < 2 or eval_tokens < seq_len:
@@ -88,6 +93,8 @@ def evaluate(model: Any, texts: Sequence[str | Path], *, seq_len: int = 256, eva
                            f"{eval_tokens})")
     raw = load_heldout(texts, MAX_CHARS)                     # a bad text fails before a model loads
     t, student, tok_dir, scratch = _load(model, teacher)
+    if window_only and not student.args.window:
+        raise DiJiangError("--window-only needs a model with a window (converted with --window N)")
     try:
         sets = heldout_sets(raw, load_tokenizer(tok_dir), seq_len, eval_tokens)
     finally:
@@ -102,16 +109,38 @@ def evaluate(model: Any, texts: Sequence[str | Path], *, seq_len: int = 256, eva
             t.eval().to(acc.device)
             row["teacher"] = perplexity(lambda x: teacher_logits(t, x), blocks, batch, acc)
             row["ratio"] = row["model"] / row["teacher"]
+        if window_only:
+            row["window_only"] = _window_only(student, blocks, batch, acc)
+            if t is not None:
+                row["long_range_recovery"] = ((row["window_only"] - row["model"])
+                                              / (row["window_only"] - row["teacher"]))
         rows[name] = row
     return {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
             "source": student.args.source.get("name", ""), "seq_len": seq_len, "eval_tokens": eval_tokens,
             "batch": batch, "texts": rows}
 
 
+def _window_only(student: Any, blocks: torch.Tensor, batch: int, acc) -> float:
+    """Perplexity with every layer's DiJiang part off: the window's softmax alone."""
+    attns = [layer.attn for layer in student.layers]
+    try:
+        for at in attns:
+            at.linear_on = False
+        return perplexity(lambda x: student(x)[0], blocks, batch, acc)
+    finally:
+        for at in attns:
+            at.linear_on = True
+
+
 def table(result: dict[str, Any]) -> str:
     """The result of ``evaluate`` as a Markdown table (one row per text)."""
     from .report import ppl_table
-    rows = {n: {k: v for k, v in r.items() if k in ("model", "teacher")} for n, r in result["texts"].items()}
+    rows = {n: {k: v for k, v in r.items() if k in ("model", "teacher", "window_only")}
+            for n, r in result["texts"].items()}
     tokens = {n: r["tokens"] for n, r in result["texts"].items()}
-    return "\n".join(ppl_table(rows, tokens, (("teacher", "teacher (softmax)"), ("model", "DiJiang")),
-                               ("model", "teacher")))
+    cols = (("teacher", "teacher (softmax)"), ("model", "DiJiang"))
+    if any("window_only" in r for r in rows.values()):
+        cols += (("window_only", "window only"),)
+    out = "\n".join(ppl_table(rows, tokens, cols, ("model", "teacher")))
+    rec = {n: r["long_range_recovery"] for n, r in result["texts"].items() if "long_range_recovery" in r}
+    return out + "".join(f"\nlong-range recovery on {n}: {v:.1%}" for n, v in rec.items())
