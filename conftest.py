@@ -47,6 +47,20 @@ def tiny_hf(arch: str, seed: int = 0):
     return model
 
 
+def tiny_real_vocab():
+    """A random one-layer Llama with SmolLM2's vocabulary, GQA and tied embeddings."""
+    import transformers as T
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
 ARCHS = ["llama", "smollm2", "qwen2", "gpt_neox"]
 
 

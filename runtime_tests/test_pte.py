@@ -27,6 +27,7 @@ from dijiang_edge.exporters import export, read_manifest
 from dijiang_edge.parity import Reference, failures, measure, text_ids
 from dijiang_edge.manifest import select
 from dijiang_edge.tokenizer import load_tokenizer
+from conftest import tiny_real_vocab
 
 pytest.importorskip("executorch.runtime")
 from dijiang_edge.runtime.executorch import PteRunner, llm_runner_generate  # noqa: E402
@@ -35,25 +36,11 @@ BAR_FP32 = BARS["fp32_max_rel_err"]
 MAX_SEQ = 16          # small, so real text crosses many calls of different lengths
 
 
-def _tiny_real_vocab():
-    """A random one-layer Llama with SmolLM2's vocabulary, GQA and tied embeddings."""
-    import transformers as T
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory):
     from dijiang_edge.tokenizer import save_tokenizer
     src = tmp_path_factory.mktemp("src") / "tiny"
-    _tiny_real_vocab().save_pretrained(src)
+    tiny_real_vocab().save_pretrained(src)
     save_tokenizer("default", src)
     return src
 

@@ -17,6 +17,7 @@ from dijiang_edge.exporters import export, read_manifest
 from dijiang_edge.manifest import select
 from dijiang_edge.parity import failures, measure, text_ids
 from dijiang_edge.runtime.onnx import OnnxRunner
+from conftest import tiny_real_vocab
 
 BAR_FP32 = BARS["fp32_max_rel_err"]
 W = 8
@@ -99,19 +100,35 @@ def test_any_split_through_onnxruntime(onnx_export, windowed_model, path):
 
 
 @pytest.fixture(scope="module")
-def pte_export(windowed_src, tmp_path_factory):
-    pytest.importorskip("executorch.runtime")
-    out = tmp_path_factory.mktemp("exp") / "pte"
-    export(str(windowed_src), out, ["pte"], ["fp32"], max_seq_len=16, parity_tokens=96)
+def pte_src(tmp_path_factory):
+    """A converted windowed one-layer model with SmolLM2's vocabulary and tokenizer (what
+    ExecuTorch's C++ tokenizer reads), random window weights."""
+    from dijiang_edge.tokenizer import save_tokenizer
+    out = tmp_path_factory.mktemp("conv") / "pte-src"
+    _randomised(dijiang_edge.convert(tiny_real_vocab(), **OPTIONS)).save_pretrained(out)
+    save_tokenizer("default", out)
     return out
 
 
-def test_pte_matches_pytorch_and_resets(pte_export, windowed_model):
+@pytest.fixture(scope="module")
+def pte_model(pte_src):
+    return dijiang_edge.convert(str(pte_src))
+
+
+@pytest.fixture(scope="module")
+def pte_export(pte_src, tmp_path_factory):
+    pytest.importorskip("executorch.runtime")
+    out = tmp_path_factory.mktemp("exp") / "pte"
+    export(str(pte_src), out, ["pte"], ["fp32"], max_seq_len=16, parity_tokens=96)
+    return out
+
+
+def test_pte_matches_pytorch_and_resets(pte_export, pte_model):
     from dijiang_edge.runtime.executorch import PteRunner
     entry = select(read_manifest(pte_export), "pte", "fp32")
     assert [s["name"] for s in entry["state"]][:3] == ["state_0", "window_key_0", "window_value_0"]
-    ids = _ids(windowed_model, 120)
-    figs = measure(windowed_model, PteRunner(pte_export / entry["path"], entry), ids, greedy=32)
+    ids = _ids(pte_model, 120)
+    figs = measure(pte_model, PteRunner(pte_export / entry["path"], entry), ids, greedy=32)
     assert figs["max_rel_err"] <= BAR_FP32 and figs["decode_max_rel_err"] <= BAR_FP32, figs
     assert figs["greedy_identical"] == 32, figs
     fresh = PteRunner(pte_export / entry["path"], entry).forward(ids[None, :12])
@@ -119,3 +136,21 @@ def test_pte_matches_pytorch_and_resets(pte_export, windowed_model):
     r.forward(ids[None, 12:40])          # fills the ring and the state
     r.reset()                            # start_pos 0: a fresh sequence, ring included
     np.testing.assert_array_equal(r.forward(ids[None, :12]), fresh)
+
+
+def test_text_llm_runner_drives_the_windowed_pte(pte_export, pte_model):
+    """ExecuTorch's stock C++ runner, reading only the .pte and tokenizer.json, past the window."""
+    from dijiang_edge.runtime.executorch import llm_runner_generate
+    from dijiang_edge.tokenizer import load_tokenizer
+    tok = load_tokenizer(pte_export)
+    prompt = "The king said to his daughter that the castle by the sea"        # longer than W tokens
+    ids = tok.encode(prompt).ids
+    assert len(ids) > W
+    with torch.no_grad():
+        logits, state = pte_model(torch.tensor([ids]))
+        out = []
+        for _ in range(16):
+            out.append(int(logits[0, -1].argmax()))
+            logits, state = pte_model(torch.tensor([[out[-1]]]), state)
+    got = llm_runner_generate(pte_export / "model_fp32.pte", pte_export / "tokenizer.json", prompt, 16)
+    assert got == tok.decode(out)
