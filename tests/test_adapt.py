@@ -251,3 +251,22 @@ def test_bad_heldout_and_evaluate_inputs_fail_clearly(tiny, capsys):
     assert cli_main(["evaluate", str(tiny / "model"), "--text", "heldout-a", "--eval-tokens", "8"]) == 2
     assert "--eval-tokens" in capsys.readouterr().err
     assert not (tiny / "x").exists()
+
+
+def test_a_windowed_model_adapts_and_its_window_alone_is_scored(tiny):
+    """The recipe of the shipped default in miniature: window + shared normaliser, finetune
+    only; evaluate's window-only score and long-range recovery follow their definitions."""
+    from dijiang_edge.adapt.evaluate import evaluate
+    from dijiang_edge.adapter import load_adapter
+    r = _run(tiny, "windowed", _cfg(stages="finetune", token_budget=8 * 128, finetune_lr=3e-3),
+             variant="normalized", window=8, window_mode="shared")
+    ppl = r["perplexity"]
+    assert ppl["after_finetune"]["tail"] < ppl["converted"]["tail"]
+    ad = load_adapter(tiny / "windowed" / "adapter.safetensors")
+    assert any(k.endswith("attn.window_weight") for k in ad.params)
+    e = evaluate(str(tiny / "windowed"), [str(tiny / "train.txt")], seq_len=64, eval_tokens=256,
+                 teacher=str(tiny / "model"), window_only=True)["texts"][str(tiny / "train.txt")]
+    assert e["window_only"] != e["model"]
+    assert e["long_range_recovery"] == pytest.approx((e["window_only"] - e["model"]) / (e["window_only"] - e["teacher"]))
+    with pytest.raises(DiJiangError, match="needs a model with a window"):
+        evaluate(str(tiny / "model"), [str(tiny / "train.txt")], seq_len=64, eval_tokens=256, window_only=True)
