@@ -22,7 +22,10 @@ def pairs(data: dict) -> list[tuple[dict, dict | None]]:
 
 def _who(run: dict, data: dict) -> str:
     """The attention kind, and the file when ``--files`` chose several per quantization."""
-    return f"{run['attention']} `{run['path']}`" if data["settings"].get("files") else run["attention"]
+    label = f"{run['attention']} `{run['path']}`" if data["settings"].get("files") else run["attention"]
+    if len({r["folder"] for r in data["runs"] if r["attention"] != "softmax"}) > 1:
+        label += f" ({Path(run['folder']).name})"      # several folders side by side: say which
+    return label
 
 
 def _ms(run: dict) -> dict[int, float]:
