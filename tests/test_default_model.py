@@ -94,3 +94,17 @@ def test_generate_from_default(pair):
     ids = torch.tensor([tok.encode("The capital of France is").ids])
     out, state = dijiang_edge.generate(model, ids, max_new_tokens=12, eos_ids=[])
     assert out.shape[1] == ids.shape[1] + 12 and int(state.pos) == out.shape[1] - 1
+
+
+def test_the_adapted_default_is_within_ten_percent_of_the_original(tmp_path):
+    """The shipped adapter's bar (issue 14): held-out perplexity on both texts of domains it
+    never trained on at most 1.10x the original's, scored as its report scores them."""
+    from dijiang_edge.adapt.evaluate import evaluate
+    from dijiang_edge.tokenizer import save_tokenizer
+    model = dijiang_edge.convert("default")              # the shipped adapter applied
+    assert model.args.window == 64 and model.args.source["adapter"]
+    model.save_pretrained(tmp_path / "m")
+    save_tokenizer("default", tmp_path / "m")
+    r = evaluate(str(tmp_path / "m"), ["heldout-a", "heldout-b"], seq_len=256, eval_tokens=8192, teacher=True)
+    for name, row in r["texts"].items():
+        assert row["ratio"] <= 1.10, (name, row)
