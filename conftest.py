@@ -16,6 +16,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+def fed_in_pieces(model, ids: torch.Tensor, splits: list[int]):
+    """Logits of ``ids`` fed to ``model`` in calls of ``splits`` tokens, and the last state."""
+    state, outs, at = None, [], 0
+    for n in splits:
+        lg, state = model(ids[:, at:at + n], state)
+        outs.append(lg)
+        at += n
+    return torch.cat(outs, 1), state
+
+
 def tiny_hf(arch: str, seed: int = 0):
     """A randomly initialised transformers model of ``arch`` with a few-thousand-weight config."""
     import transformers as T

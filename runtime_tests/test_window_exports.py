@@ -35,14 +35,17 @@ def _randomised(model):
     return model
 
 
+def _windowed_folder(source, tokenizer, out: Path) -> Path:
+    """``source`` converted with a window (random window weights) into a folder exports take as MODEL."""
+    from dijiang_edge.tokenizer import save_tokenizer
+    _randomised(dijiang_edge.convert(source, **OPTIONS)).save_pretrained(out)
+    save_tokenizer(tokenizer, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def windowed_src(tiny_src, tmp_path_factory):
-    """A converted windowed folder (with random window weights) that exports take as MODEL."""
-    out = tmp_path_factory.mktemp("conv") / "windowed"
-    from dijiang_edge.tokenizer import save_tokenizer
-    _randomised(dijiang_edge.convert(str(tiny_src), **OPTIONS)).save_pretrained(out)
-    save_tokenizer(tiny_src, out)
-    return out
+    return _windowed_folder(str(tiny_src), tiny_src, tmp_path_factory.mktemp("conv") / "windowed")
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +106,7 @@ def test_any_split_through_onnxruntime(onnx_export, windowed_model, path):
 def pte_src(tmp_path_factory):
     """A converted windowed one-layer model with SmolLM2's vocabulary and tokenizer (what
     ExecuTorch's C++ tokenizer reads), random window weights."""
-    from dijiang_edge.tokenizer import save_tokenizer
-    out = tmp_path_factory.mktemp("conv") / "pte-src"
-    _randomised(dijiang_edge.convert(tiny_real_vocab(), **OPTIONS)).save_pretrained(out)
-    save_tokenizer("default", out)
-    return out
+    return _windowed_folder(tiny_real_vocab(), "default", tmp_path_factory.mktemp("conv") / "pte-src")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import dijiang_edge
 from dijiang_edge.conversion import weight_map
 from dijiang_edge.model import VARIANTS
-from conftest import ARCHS, rel_err
+from conftest import ARCHS, fed_in_pieces, rel_err
 
 
 def _ids(n, seed=0, vocab=97):
@@ -40,12 +40,7 @@ def test_any_split_gives_same_logits(hf_models, splits):
     model = dijiang_edge.convert(hf_models["smollm2"], chunk_size=8)
     ids = _ids(40, seed=1)
     full, _ = model(ids)
-    state, outs, at = None, [], 0
-    for n in splits:
-        lg, state = model(ids[:, at:at + n], state)
-        outs.append(lg)
-        at += n
-    assert rel_err(torch.cat(outs, 1), full) < 1e-4
+    assert rel_err(fed_in_pieces(model, ids, splits)[0], full) < 1e-4
 
 
 @torch.no_grad()

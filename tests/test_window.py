@@ -10,7 +10,7 @@ import dijiang_edge
 from dijiang_edge import attention as A
 from dijiang_edge.errors import DiJiangError
 from dijiang_edge.model import WINDOW_MODES
-from conftest import ARCHS, rel_err
+from conftest import ARCHS, fed_in_pieces, rel_err
 
 W = 8
 MODES = [("normalized", "shared"), ("normalized_gated", "shared"), ("official", "mix"), ("normalized", "mix")]
@@ -93,12 +93,8 @@ def test_every_architecture_equals_the_definition(hf_models, arch):
 def test_any_split_gives_the_same_logits(windowed, splits):
     ids = _ids(40, seed=1)
     full, s_full = windowed(ids)
-    state, outs, at = None, [], 0
-    for n in splits:
-        lg, state = windowed(ids[:, at:at + n], state)
-        outs.append(lg)
-        at += n
-    assert rel_err(torch.cat(outs, 1), full) < 1e-4
+    out, state = fed_in_pieces(windowed, ids, splits)
+    assert rel_err(out, full) < 1e-4
     assert all(rel_err(a, b) < 1e-4 for a, b in zip(state.layers, s_full.layers))
 
 
