@@ -270,3 +270,13 @@ def test_a_windowed_model_adapts_and_its_window_alone_is_scored(tiny):
     assert e["long_range_recovery"] == pytest.approx((e["window_only"] - e["model"]) / (e["window_only"] - e["teacher"]))
     with pytest.raises(DiJiangError, match="needs a model with a window"):
         evaluate(str(tiny / "model"), [str(tiny / "train.txt")], seq_len=64, eval_tokens=256, window_only=True)
+
+
+def test_a_finished_run_removes_only_its_checkpoint_file(tiny):
+    """``--checkpoint-dir`` may be a folder of the user's: only the checkpoint goes."""
+    ck = tiny / "mine"
+    ck.mkdir()
+    (ck / "notes.txt").write_text("my own file")
+    _run(tiny, "ck-out", _cfg(stages="finetune", token_budget=4 * 128, checkpoint_steps=1), checkpoint_dir=ck)
+    assert (ck / "notes.txt").read_text() == "my own file"
+    assert not (ck / "checkpoint.pt").exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,4 +71,11 @@ class Checkpointer:
         return blob
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The checkpoint file, and its folder once empty: a ``--checkpoint-dir`` that also
+        holds the user's own files keeps them."""
+        for f in (self.path, self.path.with_suffix(".tmp")):
+            f.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
