@@ -255,10 +255,14 @@ def _parse_meta(p: Path, raw: str | None) -> dict[str, Any]:
 
 # -- applying -------------------------------------------------------------------
 
-def apply_adapter(adapter: Adapter, source: Any, **options: Any) -> DiJiangForCausalLM:
+def apply_adapter(adapter: Adapter, source: Any, merge: bool = True, **options: Any) -> DiJiangForCausalLM:
     """The source model (``"default"``, a folder, a .gguf or a transformers model)
     converted with the adapter's settings, its DiJiang parameters loaded and its LoRA
-    updates merged.  ``options`` given must agree with the adapter's settings."""
+    updates merged.  ``options`` given must agree with the adapter's settings.
+
+    ``merge=False`` leaves the source weights plain (the LoRA factors unapplied): the
+    start of an ``adapt`` run that continues this adapter (``load_lora_factors`` then
+    puts its factors into the new run's LoRA parametrizations)."""
     import inspect
     from .conversion import apply_options, convert
     if isinstance(source, DiJiangForCausalLM):
@@ -276,9 +280,28 @@ def apply_adapter(adapter: Adapter, source: Any, **options: Any) -> DiJiangForCa
         model = _rebuilt(model, want)
     _check_source(adapter, model)
     _load_params(adapter, model)
-    _merge(adapter, model)
+    if not merge:
+        return model.eval()
+    merge_into(adapter, model)
     model.args.source = {**model.args.source, "adapter": adapter.record()}
     return model.eval()
+
+
+def load_lora_factors(adapter: Adapter, model: nn.Module) -> None:
+    """Copy the adapter's ``A``, ``B`` into ``model``'s LoRA parametrizations (``adapt.lora``),
+    so training goes on from them and the new adapter is again relative to the source."""
+    have = dict(_low_ranks(model))
+    if set(have) != set(adapter.lora):
+        raise DiJiangError(f"{adapter.path.name} has LoRA factors for {len(adapter.lora)} projections, the run "
+                           f"adapts {len(have)}; continue it with the same --finetune lora targets")
+    for name, (a, b) in adapter.lora.items():
+        lr = have[name]
+        if tuple(lr.A.shape) != tuple(a.shape) or abs(float(lr.scale) - adapter.scale) > 1e-6 * adapter.scale:
+            raise DiJiangError(f"{adapter.path.name} has LoRA rank {a.shape[0]} and scale {adapter.scale:g}; "
+                               f"continue it with --lora-rank {a.shape[0]}")
+        with torch.no_grad():
+            lr.A.copy_(a.to(lr.A.dtype))
+            lr.B.copy_(b.to(lr.B.dtype))
 
 
 def _rebuilt(model: DiJiangForCausalLM, settings: dict[str, Any]) -> DiJiangForCausalLM:
@@ -320,7 +343,7 @@ def _load_params(adapter: Adapter, model: DiJiangForCausalLM) -> None:
     model.load_state_dict(adapter.params, strict=False)
 
 
-def _merge(adapter: Adapter, model: DiJiangForCausalLM) -> None:
+def merge_into(adapter: Adapter, model: DiJiangForCausalLM) -> None:
     """``W + scale * B @ A`` into each target's weight, as ``lora.merge_lora`` computes it."""
     mods = dict(model.named_modules())
     for name, (a, b) in adapter.lora.items():

@@ -179,6 +179,37 @@ def test_wrong_source_and_clashing_options_are_refused(adapted, src, tmp_path):
         AD.save_adapter(_student(src), tmp_path / "c.safetensors", command="", figures={}, finetune_mode="full")
 
 
+def test_a_run_goes_on_from_an_adapter(adapted, src, tmp_path, capsys):
+    """``adapt --init-adapter``: the run starts at the adapted model (its converted
+    perplexity is the adapted one) and its adapter is again relative to the source."""
+    first = AD.load_adapter(adapted / "adapter.safetensors")
+    where = {"MODEL": src / "model", "TEXT": src / "train.txt", "OUT": tmp_path / "again"}
+    argv = [str(where.get(a, a)) for a in ADAPT] + ["--stages", "finetune", "--init-adapter",
+                                                     str(adapted / "adapter.safetensors")]
+    argv[argv.index("--token-budget") + 1] = "640"
+    assert cli_main(argv) == 0
+    before = json.loads((adapted / "report.json").read_text())["perplexity"]["after_finetune"]
+    after = json.loads((tmp_path / "again" / "report.json").read_text())["perplexity"]
+    assert abs(after["converted"]["tail"] - before["tail"]) / before["tail"] < 1e-4     # same held-out blocks
+    plain = json.loads((adapted / "report.json").read_text())["perplexity"]["converted"]["tail"]
+    assert abs(after["converted"]["tail"] - plain) / plain > 0.05          # it did not start from the plain one
+    second = AD.load_adapter(tmp_path / "again" / "adapter.safetensors")
+    assert second.settings == first.settings and set(second.lora) == set(first.lora)
+    moved = max(rel_err(second.lora[n][1], first.lora[n][1]) for n in first.lora)
+    assert 0 < moved < 1.0                                   # went on from B, did not restart from zero
+    made = DiJiangForCausalLM.from_pretrained(tmp_path / "again")
+    assert rel_err(AD.apply_adapter(second, str(src / "model"))(IDS)[0], made(IDS)[0]) < 1e-6
+    from dijiang_edge.adapt import adapt
+    with pytest.raises(DiJiangError, match="continue it with --lora-rank 4"):
+        adapt(str(src / "model"), [src / "train.txt"], tmp_path / "bad", AdaptConfig(
+            token_budget=640, lora_rank=8, lora_alpha=16.0, stages="finetune"), init_adapter=first.path)
+    capsys.readouterr()
+    clash = argv[:argv.index("--out") + 1] + [str(tmp_path / "bad")] + argv[argv.index("--out") + 2:]
+    assert cli_main(clash + ["--window", "4"]) != 0
+    assert "fixes the DiJiang settings: window=4" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_adapter_dtype_is_checked_before_any_work():
     with pytest.raises(DiJiangError, match="adapter dtype 'int4'"):
         AdaptConfig(token_budget=1000, adapter_dtype="int4")

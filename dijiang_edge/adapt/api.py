@@ -29,18 +29,20 @@ from .teacher import AttentionTap, teacher_logits
 from .train import Budget, Loop, StageProgress
 
 ADAPTER_FILE = "adapter.safetensors"
+CONVERT_DEFAULTS = dict(variant="official", chunk_size=64, norm_groups=0, window=0, window_mode="shared")
 FINGERPRINT_FIELDS = ("stages", "transfer_share", "seq_len", "batch_size", "transfer_lr", "finetune_lr",
                       "finetune_mode", "lora_rank", "lora_alpha", "kl_weight", "warmup_steps", "grad_clip",
                       "heldout_fraction", "eval_tokens", "seed")
 
 
 def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: AdaptConfig | None = None, *,
-          tokenizer: Any = None, teacher: Any = None, variant: str = "official", chunk_size: int = 64,
-          norm_groups: int = 0, window: int = 0, window_mode: str = "shared",
+          tokenizer: Any = None, teacher: Any = None, variant: str | None = None, chunk_size: int | None = None,
+          norm_groups: int | None = None, window: int | None = None, window_mode: str | None = None,
           checkpoint_dir: str | Path | None = None, resume: bool = False,
           force: bool = False, keep_checkpoint: bool = False, notes: Sequence[str] = (),
           on_step: Callable[[StageProgress], None] | None = None, cpu: bool = False,
-          heldout: Sequence[str | Path] = (), command: str | None = None) -> dict[str, Any]:
+          heldout: Sequence[str | Path] = (), command: str | None = None,
+          init_adapter: str | Path | None = None) -> dict[str, Any]:
     """Adapt ``model`` to DiJiang attention on the text of ``data``; write it to ``out``.
 
     ``model``: as for ``convert`` ("default", a folder, a .gguf, a transformers model,
@@ -48,19 +50,27 @@ def adapt(model: Any, data: Sequence[str | Path], out: str | Path, config: Adapt
     texts (names or files) scored apart, each on its own; without them, the tail of
     the training stream is.  Returns the report (also in ``out/report.json``).
     ``on_step`` is called after every step.  ``command``: the command line recorded in
-    ``out/adapter.safetensors``.
+    ``out/adapter.safetensors``.  ``init_adapter``: an adapter file of ``model`` (a
+    source model) to go on training from: its settings, DiJiang parameters and LoRA
+    factors are the start, and the new adapter is again relative to the source (a
+    second run, e.g. on longer sequences, after a first).
     """
+    given = dict(variant=variant, chunk_size=chunk_size, norm_groups=norm_groups, window=window,
+                 window_mode=window_mode)
+    # unset options: the conversion defaults, or (continuing an adapter) the adapter's settings
+    options = {k: v for k, v in given.items() if v is not None} if init_adapter is not None else \
+        {k: CONVERT_DEFAULTS[k] if v is None else v for k, v in given.items()}
     return Adaptation(model, data, out, config or AdaptConfig(token_budget=100_000), tokenizer=tokenizer,
-                      teacher=teacher, convert_options=dict(variant=variant, chunk_size=chunk_size,
-                                                            norm_groups=norm_groups, window=window,
-                                                            window_mode=window_mode),
+                      teacher=teacher, convert_options=options,
                       checkpoint_dir=checkpoint_dir, resume=resume, force=force, keep_checkpoint=keep_checkpoint,
-                      notes=list(notes), on_step=on_step, cpu=cpu, heldout=heldout, command=command).run()
+                      notes=list(notes), on_step=on_step, cpu=cpu, heldout=heldout, command=command,
+                      init_adapter=init_adapter).run()
 
 
 class Adaptation:
     def __init__(self, model, data, out, cfg: AdaptConfig, *, tokenizer, teacher, convert_options,
-                 checkpoint_dir, resume, force, keep_checkpoint, notes, on_step, cpu, heldout=(), command=None):
+                 checkpoint_dir, resume, force, keep_checkpoint, notes, on_step, cpu, heldout=(), command=None,
+                 init_adapter=None):
         self.t0 = time.time()
         self.source_name = "default" if str(model) == "default" else None     # not its cache folder
         self.command = command or f"adapt({model!r}, {[str(d) for d in data]!r}, AdaptConfig(**{cfg.to_dict()!r}))"
@@ -74,7 +84,14 @@ class Adaptation:
         from accelerate import Accelerator
         # without a GPU, cpu=True is what lets `accelerate launch` form a gloo process group
         self.acc = Accelerator(cpu=cpu or not torch.cuda.is_available())
-        self.teacher, self.student = load_pair(model, teacher, **convert_options)
+        self.init = None
+        if init_adapter is not None:
+            from ..adapter import load_adapter
+            self.init = load_adapter(init_adapter)
+            self._check_init(cfg)
+        self.teacher, self.student = load_pair(model, teacher, init=self.init, **convert_options)
+        if self.init is not None:
+            self._start_from_init()
         self.teacher.eval().requires_grad_(False).to(self.acc.device)
         self.student.eval().to(self.acc.device)
         self.scratch = scratch_dir()
@@ -94,6 +111,25 @@ class Adaptation:
         self.eval_seconds = 0.0
 
     # -- setup ------------------------------------------------------------------
+    def _check_init(self, cfg: AdaptConfig) -> None:
+        """An adapter to continue fits this run's LoRA before any model loads."""
+        lo = self.init.meta["lora"]
+        if "finetune" in cfg.stages and cfg.finetune_mode == "lora" and lo and lo["rank"] != cfg.lora_rank:
+            raise DiJiangError(f"{self.init.path.name} has LoRA rank {lo['rank']}; continue it with "
+                               f"--lora-rank {lo['rank']}")
+
+    def _start_from_init(self) -> None:
+        """The adapter's LoRA updates on from the start (so "converted" is the adapted
+        model): as LoRA factors that train on, or merged for a full finetune."""
+        from ..adapter import load_lora_factors, merge_into
+        if not self.init.lora:
+            return
+        if self.cfg.finetune_mode == "lora":
+            add_lora(self.student, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.seed)
+            load_lora_factors(self.init, self.student)
+        else:
+            merge_into(self.init, self.student)
+
     def _checked(self, ids: torch.Tensor) -> torch.Tensor:
         if int(ids.max()) >= self.student.args.vocab_size:
             raise DiJiangError(f"the tokenizer gives ids up to {int(ids.max())} but the model has "
@@ -111,6 +147,8 @@ class Adaptation:
         fp["variant"] = self.student.args.variant
         fp["window"] = [self.student.args.window, self.student.args.window_mode]
         fp["data_sha256"] = _sha(self.blocks.train)
+        if self.init is not None:
+            fp["init_adapter"] = self.init.sha256
         if TAIL not in self.heldout:          # only then: checkpoints of runs without --heldout still resume
             fp["heldout"] = {n: _sha(b) for n, b in self.heldout.items()}
         return fp

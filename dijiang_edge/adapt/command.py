@@ -48,8 +48,15 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
     p.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
                    help="tensors of OUT/adapter.safetensors (16-bit: half the size)")
+    p.add_argument("--init-adapter", default=None, metavar="FILE",
+                   help="go on training from this adapter of MODEL (its settings, DiJiang parameters and LoRA "
+                        "factors), e.g. on longer sequences; the new adapter is again relative to MODEL")
     add_convert_options(p)
     p.set_defaults(fn=run, variant="official")     # adapts best per token (docs/adaptation.md)
+    p.set_defaults(convert_defaults={k: p.get_default(k) for k in CONVERT_OPTIONS})
+
+
+CONVERT_OPTIONS = ("variant", "chunk_size", "norm_groups", "window", "window_mode")
 
 
 def run(a: argparse.Namespace) -> None:
@@ -65,9 +72,11 @@ def run(a: argparse.Namespace) -> None:
                       eval_tokens=a.eval_tokens, seed=a.seed,
                       checkpoint_minutes=a.checkpoint_minutes, checkpoint_steps=a.checkpoint_steps,
                       adapter_dtype=a.adapter_dtype)
+    conv = {k: getattr(a, k) for k in CONVERT_OPTIONS}
+    if a.init_adapter:            # the adapter fixes the settings: pass only those given on the command line
+        conv = {k: v for k, v in conv.items() if v != a.convert_defaults[k]}
     try:
-        r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, variant=a.variant, chunk_size=a.chunk_size,
-                  norm_groups=a.norm_groups, window=a.window, window_mode=a.window_mode,
+        r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, **conv, init_adapter=a.init_adapter,
                   checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
                   keep_checkpoint=a.keep_checkpoint, notes=a.note, heldout=a.heldout,
                   command=getattr(a, "command_line", None))

@@ -32,11 +32,16 @@ def _load_teacher(src: Any) -> nn.Module:
     return load_source(p)[0]
 
 
-def load_pair(model: Any, teacher: Any = None, **convert_options: Any) -> tuple[nn.Module, DiJiangForCausalLM]:
+def load_pair(model: Any, teacher: Any = None, init: Any = None,
+              **convert_options: Any) -> tuple[nn.Module, DiJiangForCausalLM]:
     """``(teacher, student)`` for ``model`` (a transformers model, "default", a folder or .gguf,
-    or a converted folder whose recorded source, or ``teacher``, is the softmax model)."""
+    or a converted folder whose recorded source, or ``teacher``, is the softmax model).
+    ``init``: an ``adapter.Adapter`` of the source ``model`` whose settings and DiJiang
+    parameters the student starts from (its LoRA factors are loaded by the finetune stage)."""
     from ..conversion import from_hf_model, load_source
     from ..tokenizer import resolve_source
+    if init is not None:
+        return _pair_from_adapter(model, teacher, init, convert_options)
     if isinstance(model, DiJiangForCausalLM):
         student = model
     elif isinstance(model, nn.Module):
@@ -54,6 +59,17 @@ def load_pair(model: Any, teacher: Any = None, **convert_options: Any) -> tuple[
     if student.args.source.get("format") == "official-dijiang" and teacher is None:
         raise DiJiangError("an official DiJiang checkpoint has no softmax source to learn from; pass --teacher")
     return _load_teacher(teacher if teacher is not None else student.args.source.get("name")), student
+
+
+def _pair_from_adapter(model: Any, teacher: Any, init: Any, options: dict) -> tuple[nn.Module, DiJiangForCausalLM]:
+    from ..adapter import apply_adapter
+    from ..conversion import load_source
+    from ..tokenizer import resolve_source
+    if isinstance(model, nn.Module) or _is_converted_folder(resolve_source(model)):
+        raise DiJiangError("an adapter to continue applies to the source model: give its source "
+                           "(e.g. 'default'), not a converted model")
+    student = apply_adapter(init, model, merge=False, **options)
+    return (load_source(resolve_source(model))[0] if teacher is None else _load_teacher(teacher)), student
 
 
 def tokenizer_folder(model: Any, student: DiJiangForCausalLM, tokenizer: Any, scratch: Path) -> Path:
