@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default: {PARITY_TOKENS})")
     p.add_argument("--parity-text", default=None, help="English text of the parity checks: shakespeare "
                    "(default), pydoc, or a text file; recorded in manifest.json")
-    p.add_argument("--calibration-text", default=None, help="English text the int8 .pte is calibrated on: "
+    p.add_argument("--calibration-text", default=None, help="English text the int8 files are calibrated on: "
                    "pydoc (default), shakespeare, or a text file; must differ from --parity-text")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--qlinear", choices=["8da8w", "8da4w"], default=None,

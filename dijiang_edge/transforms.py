@@ -52,36 +52,55 @@ def freeze_decay(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
     return model
 
 
-def _qkv_weights(attn) -> list[tuple[Tensor, Tensor | None]]:
-    """``[(W_q, b_q), (W_k, b_k), (W_v, b_v)]`` of either architecture, heads contiguous."""
+def _plain(m: nn.Module) -> tuple[nn.Linear, int]:
+    """``(the nn.Linear, its input rotation block or 0)`` of a projection, rotated
+    (``exporters.outliers.RotatedLinear``: ``inner`` holds ``W R^T``) or not."""
+    return (m.inner, m.block) if hasattr(m, "rotation") else (m, 0)
+
+
+def _qkv_weights(attn) -> tuple[list[tuple[Tensor, Tensor | None]], list[int]]:
+    """``[(W_q, b_q), (W_k, b_k), (W_v, b_v)]`` of either architecture, heads contiguous,
+    and the input rotation block of each."""
     a = attn.a
     if a.arch != "gpt_neox":
-        return [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        mods = [_plain(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        return [(m.weight, m.bias) for m, _ in mods], [b for _, b in mods]
     d, h = a.head_dim, a.n_heads            # query_key_value rows are [head, (q|k|v), d]
-    w = attn.query_key_value.weight.view(h, 3, d, -1)
-    b = attn.query_key_value.bias.view(h, 3, d)
-    return [(w[:, i].reshape(h * d, -1), b[:, i].reshape(-1)) for i in range(3)]
+    qkv, block = _plain(attn.query_key_value)
+    w = qkv.weight.view(h, 3, d, -1)
+    b = qkv.bias.view(h, 3, d)
+    return [(w[:, i].reshape(h * d, -1), b[:, i].reshape(-1)) for i in range(3)], [block] * 3
 
 
-def fused_linear(parts: list[tuple[Tensor, Tensor | None]]) -> nn.Linear:
-    """One ``nn.Linear`` whose output is the parts' outputs side by side."""
+def fused_linear(parts: list[tuple[Tensor, Tensor | None]], blocks: list[int] | None = None) -> nn.Module:
+    """One ``nn.Linear`` whose output is the parts' outputs side by side (a rotated
+    one when the parts share an input rotation, ``blocks``)."""
     w = torch.cat([p[0] for p in parts]).detach()
     lin = nn.Linear(w.shape[1], w.shape[0], bias=any(p[1] is not None for p in parts))
     lin.weight = nn.Parameter(w, requires_grad=False)
     if lin.bias is not None:
         b = [p[1] if p[1] is not None else w.new_zeros(p[0].shape[0]) for p in parts]
         lin.bias = nn.Parameter(torch.cat(b).detach(), requires_grad=False)
+    blocks = sorted(set(blocks or [0]))
+    if len(blocks) > 1:
+        raise DiJiangError(f"cannot fuse projections with different input rotations {blocks}")
+    if blocks[0]:
+        from .exporters.outliers import RotatedLinear
+        return RotatedLinear.around(lin, blocks[0])
     return lin
 
 
 def fuse_projections(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
-        parts = _qkv_weights(attn) + ([(attn.gate.weight, None)] if hasattr(attn, "gate") else [])
-        attn.in_proj = fused_linear(parts)
+        parts, blocks = _qkv_weights(attn)
+        if hasattr(attn, "gate"):
+            g, gb = _plain(attn.gate)
+            parts, blocks = parts + [(g.weight, None)], blocks + [gb]
+        attn.in_proj = fused_linear(parts, blocks)
         if hasattr(mlp, "gate_proj"):
-            mlp.gate_up = fused_linear([(mlp.gate_proj.weight, mlp.gate_proj.bias),
-                                        (mlp.up_proj.weight, mlp.up_proj.bias)])
+            (g, gb), (u, ub) = _plain(mlp.gate_proj), _plain(mlp.up_proj)
+            mlp.gate_up = fused_linear([(g.weight, g.bias), (u.weight, u.bias)], [gb, ub])
     return model
 
 

@@ -108,6 +108,23 @@ def test_graph_contract(tiny_export, tiny_model, quant):
         assert [o.name for o in s.get_outputs()] == ["logits"] + [f"present_recurrent.{i}" for i in range(n)]
 
 
+def test_int8_graphs_are_outlier_treated(tiny_export, tiny_model):
+    """int8 graphs come from the smoothed and rotated model: the rotations stay fp32
+    MatMuls (quantizing them would quantize the very inputs they flatten)."""
+    import onnx
+    from dijiang_edge.exporters.onnx import OUTLIERS
+    from dijiang_edge.exporters.outliers import block_for, hadamard
+    m = read_manifest(tiny_export)
+    assert {f.get("int8_outliers") for f in m["files"]} == {None, OUTLIERS}
+    assert all((f.get("int8_outliers") is None) == (f["quant"] == "fp32") for f in m["files"])
+    assert m["texts"]["calibration"] == "pydoc"
+    h = hadamard(block_for(tiny_model.args.hidden_size, 32)).numpy()
+    g = onnx.load(tiny_export / "onnx" / "decode_int8.onnx")
+    arrays = {t.name: onnx.numpy_helper.to_array(t, base_dir=str(tiny_export / "onnx")) for t in g.graph.initializer}
+    consts = {n for n, a in arrays.items() if a.shape == h.shape and np.allclose(a, h)}
+    assert consts and any(n.op_type == "MatMul" and n.input[1] in consts for n in g.graph.node)
+
+
 def test_weights_stored_once(tiny_export, tiny_model):
     """Prefill, decode and native graphs share one weights file, each tensor written once."""
     size = (tiny_export / "onnx" / "weights.data").stat().st_size

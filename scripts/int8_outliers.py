@@ -1,23 +1,61 @@
-"""Top-1 agreement and perplexity of 8da8w (torchao, eager PyTorch) against fp32 for
-plain quantization, smoothing only, and smoothing + rotation (``exporters/outliers.py``).
+"""Top-1 agreement and perplexity of int8 against fp32, in eager PyTorch, for plain
+quantization and the outlier treatments of ``exporters/outliers.py``.
 
-    python scripts/int8_outliers.py MODEL_DIR [--tokens 2048] [--alpha 0.5]
+    python scripts/int8_outliers.py MODEL [--scheme pte|onnx] [--tokens 2048] [--alpha 0.5]
 
-No lowering: the quantized model runs in PyTorch, so a recipe is judged in a minute.
+``pte``: torchao's 8da8w (XNNPACK's scheme: one int8 scale per token row, per-channel
+weights), plain / smoothed / smoothed + rotated (the ``.pte`` recipe).  ``onnx``:
+onnxruntime's ``MatMulNBits`` int8 compute simulated (symmetric int8 weights and inputs,
+one scale per 32 values of a row), plain / the ``.pte`` recipe / every input rotated in
+32 x 32 blocks (the ONNX recipe).  No lowering: a recipe is judged in minutes.
 """
 
 import argparse
 import copy
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from dijiang_edge.conversion import convert
-from dijiang_edge.exporters.executorch import calibration_ids, quantize
-from dijiang_edge.exporters.outliers import ALPHA, input_absmax, prepare_for_int8, smooth
+from dijiang_edge.exporters.executorch import quantize
+from dijiang_edge.exporters.onnx import OUTLIER_BLOCK
+from dijiang_edge.exporters.outliers import ALPHA, calibration_ids, prepare_for_int8
 from dijiang_edge.parity import perplexity, text_ids
-from dijiang_edge.tokenizer import load_tokenizer
+from dijiang_edge.tokenizer import load_tokenizer, save_tokenizer
+
+
+def _blockwise(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` rounded to symmetric int8 with one scale per ``block`` values of its last dim."""
+    y = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    s = (y.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+    return (torch.round(y / s).clamp(-127, 127) * s).reshape(x.shape)
+
+
+class NBitsInt8(nn.Module):
+    """A linear as ``MatMulNBits`` (8 bits, block 32, ``accuracy_level=4``) computes it."""
+
+    def __init__(self, lin: nn.Linear, block: int = 32):
+        super().__init__()
+        self.lin, self.block = copy.deepcopy(lin), block
+        with torch.no_grad():
+            self.lin.weight.copy_(_blockwise(self.lin.weight, block))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(_blockwise(x, self.block))
+
+
+def onnx_int8(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model)
+    if getattr(m.lm_head, "weight", None) is m.embed.weight:
+        m.lm_head.weight = nn.Parameter(m.embed.weight.detach().clone())
+    for parent in list(m.modules()):         # a RotatedLinear's rotation is a buffer: it stays fp32
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, NBitsInt8(child))
+    return m
 
 
 @torch.no_grad()
@@ -32,23 +70,30 @@ def logits(model, ref_model, ids: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
+    ap.add_argument("--scheme", default="pte", choices=["pte", "onnx"])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--alpha", type=float, default=ALPHA, help="SmoothQuant migration strength")
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = convert(a.model).eval()
-    ids, _ = text_ids(load_tokenizer(a.model), model.args.vocab_size, a.tokens, "shakespeare")
-    calib = calibration_ids(model, Path(a.model), "pydoc")
+    tok_dir = Path(tempfile.mkdtemp())
+    save_tokenizer(a.model, tok_dir)
+    ids, _ = text_ids(load_tokenizer(tok_dir), model.args.vocab_size, a.tokens, "shakespeare")
+    calib = calibration_ids(model, tok_dir, "pydoc")
     ref = logits(model, model, ids)
-    smoothed = copy.deepcopy(model)
-    if smoothed.args.tie_embeddings:
-        smoothed.lm_head.weight = torch.nn.Parameter(smoothed.embed.weight.detach().clone())
-    smooth(smoothed, input_absmax(smoothed, calib), a.alpha)
-    ppl = lambda lg: perplexity(lg[:-1], ids[1:])
+    ppl = lambda lg: perplexity(lg[:-1], ids[1:])      # noqa: E731
     print(f"fp32 perplexity {ppl(ref):.2f}")
-    for name, m in [("plain", model), ("smoothed", smoothed), ("smoothed+rotated", prepare_for_int8(model, calib, a.alpha))]:
-        got = logits(quantize(m, "8da8w", "8w"), model, ids)
-        print(f"{name:<17} top-1 {np.mean(got.argmax(-1) == ref.argmax(-1)):.4f}  perplexity {ppl(got):.2f}",
+    if a.scheme == "pte":
+        recipes = [("plain", model), ("smoothed+rotated (.pte)", prepare_for_int8(model, calib, a.alpha))]
+        run = lambda m: quantize(m, "8da8w", "8w")     # noqa: E731
+    else:
+        block = OUTLIER_BLOCK["int8"]
+        recipes = [("plain", model), ("smoothed+rotated (.pte recipe)", prepare_for_int8(model, calib, a.alpha)),
+                   ("every input rotated (ONNX)", prepare_for_int8(model, calib, a.alpha, block, every_input=True))]
+        run = onnx_int8
+    for name, m in recipes:
+        got = logits(run(m), model, ids)
+        print(f"{name:<32} top-1 {np.mean(got.argmax(-1) == ref.argmax(-1)):.4f}  perplexity {ppl(got):.2f}",
               flush=True)
 
 

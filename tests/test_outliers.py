@@ -45,6 +45,23 @@ def test_prepared_model_is_the_same_function(hf_models, arch, variant):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_input_rotated_and_fused_is_the_same_function(hf_models, arch):
+    """ONNX's treatment rotates every linear's input (32 x 32 blocks); the export
+    transforms then fuse rotated q/k/v(/gate) and gate/up into rotated fused linears."""
+    from dijiang_edge.transforms import fuse_projections
+    model = dijiang_edge.convert(hf_models[arch], variant="normalized_gated", chunk_size=8).double()
+    prepared = prepare_for_int8(model, CALIB, block=32, every_input=True)
+    rotated = [m for m in prepared.modules() if isinstance(m, RotatedLinear)]
+    per_layer = sum(isinstance(m, torch.nn.Linear) for m in model.layers[0].modules())
+    assert len(rotated) == 1 + per_layer * len(model.layers) and {m.block for m in rotated} <= {8, 16, 32}
+    fused = fuse_projections(prepared)
+    assert all(isinstance(layer.attn.in_proj, RotatedLinear) for layer in fused.layers)
+    ids = _ids(40)
+    assert rel_err(fused(ids)[0], model(ids)[0]) < 1e-10
+
+
+@torch.no_grad()
 def test_outlier_treatment_brings_int8_closer_to_fp32(hf_models):
     """A few huge activation channels (as real LMs have) ruin per-token int8 scales;
     the treated model's 8da8w logits are much closer to fp32 than the plain one's."""

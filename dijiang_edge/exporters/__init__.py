@@ -149,8 +149,8 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     from ..conversion import convert
     from ..tokenizer import save_tokenizer
     exporters = {f: exporter(f) for f in formats}          # fail fast on a missing runtime
-    if "pte" in exporters and any(import_module(".executorch", __name__).parse_quant(q)[0] for q in quants):
-        check_texts(parity_text, calibration_text)         # int8 .pte files calibrate: before any work
+    if any(q != "fp32" for q in quants):
+        check_texts(parity_text, calibration_text)         # int8 files calibrate: before any work
     routed = route_options(exporters, {**opts, "parity_text": parity_text, "calibration_text": calibration_text})
     check_out(out, force)
     model = convert(model_src, adapter=adapter, **(convert_options or {}))

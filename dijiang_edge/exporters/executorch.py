@@ -348,16 +348,12 @@ def build_pte(model: nn.Module, path: Path, quant: str = "fp32", max_seq_len: in
 # The manifest entry, with parity measured through the written file
 # ----------------------------------------------------------------------------
 
+from .outliers import calibration_ids  # noqa: E402,F401  (scripts import it from here)
+
+
 def _tokenizer(out_dir: Path):
     from ..tokenizer import load_tokenizer
     return load_tokenizer(out_dir) if (out_dir / "tokenizer.json").exists() else None
-
-
-def calibration_ids(model: nn.Module, out_dir: Path, text: str) -> np.ndarray:
-    """Calibration ids for int8 from the English ``text`` (never the parity text)."""
-    from ..parity import text_ids
-    from .outliers import CALIBRATION_TOKENS
-    return text_ids(_tokenizer(out_dir), model.args.vocab_size, CALIBRATION_TOKENS, text)[0]
 
 
 def check(model: nn.Module, out_dir: Path, entry, tokens: int, text: str, memo=None) -> None:

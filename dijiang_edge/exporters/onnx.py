@@ -45,23 +45,49 @@ def _trace(model, kind: str):
         return onnx_graph.to_onnx(model, kind)
 
 
-def fp32_graph(model, kind: str, memo: Memo):
-    """A fresh copy of the fp32 graph ``kind`` (traced once per export call: ``memo``)."""
+def fp32_graph(model, kind: str, memo: Memo, key: tuple = ()):
+    """A fresh copy of the fp32 graph ``kind`` of ``model`` (traced once per export call
+    and ``key``: ``memo``; the memo's own model has the empty key)."""
     import onnx
     mp = onnx.ModelProto()
-    mp.CopyFrom(memo.get(("graph", kind), lambda: _trace(model, kind)))
+    mp.CopyFrom(memo.get(("graph", kind, *key), lambda: _trace(model, kind)))
     return mp
 
 
 def feature_projections(model) -> list:
-    """Every distinct frozen feature-map projection P of ``model`` (numpy): one shared by
-    all layers after ``convert``, one per layer in an imported official checkpoint."""
+    """Every distinct constant matrix of ``model`` whose MatMul must stay fp32 (numpy):
+    the frozen feature-map projections P (one shared by all layers after ``convert``,
+    one per layer in an imported official checkpoint) and the outlier rotations
+    (``outliers.RotatedLinear``: quantizing them would quantize the input they exist to
+    flatten before it is flattened)."""
     found: dict[bytes, object] = {}
     for name, b in model.named_buffers():
-        if name.split(".")[-1] == "proj":
-            a = b.detach().cpu().numpy()
-            found.setdefault(a.tobytes() + str(a.shape).encode(), a)
+        if name.split(".")[-1] in ("proj", "rotation"):
+            for a in (b.detach().cpu().numpy(), b.detach().cpu().numpy().T.copy()):
+                found.setdefault(a.tobytes() + str(a.shape).encode(), a)
     return list(found.values())
+
+
+# quantizations whose kernels quantize activations (onnxruntime's int8 compute,
+# ``accuracy_level=4``, in blocks of 32 along each input row): their graphs are traced
+# from the outlier-treated model, rotated in those same blocks
+OUTLIER_BLOCK = {"int8": 32, "int4": 32}
+OUTLIERS = "smoothed + block-Hadamard rotated, every linear input, 32x32 blocks (outliers.py)"
+
+
+def graph_model(model, out: Path, quant: str, calibration_text: str | None, memo: Memo):
+    """The model the ``quant`` graphs are traced from: ``model`` itself, or for the
+    quantizations of ``OUTLIER_BLOCK`` (given a calibration text) its outlier-treated
+    copy, the same function in fp32 (made once per export call)."""
+    if quant not in OUTLIER_BLOCK or calibration_text is None:
+        return model
+    from .outliers import calibration_ids, prepare_for_int8
+
+    def make():
+        with progress(f"outlier treatment for {quant}, calibrated on {calibration_text}"):
+            return prepare_for_int8(model, calibration_ids(model, out, calibration_text),
+                                    block=OUTLIER_BLOCK[quant], every_input=True)
+    return memo.get(("prepared", OUTLIER_BLOCK[quant], calibration_text), make)
 
 
 def file_name(kind: str, quant: str) -> str:
@@ -78,10 +104,12 @@ def io_spec(model) -> tuple[dict, dict]:
              "state": st(outs[1:])})
 
 
-def entry(model, out: Path, kind: str, quant: str, data: str, keep_head: bool, default: bool) -> M.FileEntry:
+def entry(model, out: Path, kind: str, quant: str, data: str, keep_head: bool, default: bool,
+          treated: bool = False) -> M.FileEntry:
     path = file_name(kind, quant)
     ins, outs = io_spec(model)
-    extras = {"graph": kind, "weights": data, "lm_head": "fp32" if keep_head or quant == "fp32" else quant}
+    extras = {"graph": kind, "weights": data, "lm_head": "fp32" if keep_head or quant == "fp32" else quant,
+              "int8_outliers": OUTLIERS if treated else None}
     if kind != "step":
         extras["prefill_block"] = onnx_graph.PREFILL_BLOCK
     return M.FileEntry(format="onnx", quant=quant, path=path, role=FILES[kind][1], attention=FILES[kind][2],
@@ -132,9 +160,10 @@ def export(model, out_dir: str | Path, quant: str = "fp32", kinds: tuple[str, ..
     """Write the ONNX files of ``quant`` into ``out_dir``; return their manifest entries.
 
     ``parity_tokens`` of ``parity_text`` are checked against PyTorch (0: skip);
-    ``threads`` for onnxruntime there.  ``calibration_text`` is not used: ONNX
-    quantization here is weight-only.  ``memo``: what the other quantizations of the
-    same export call already traced (``exporters.export`` passes it)."""
+    ``threads`` for onnxruntime there.  ``calibration_text``: the English text the
+    outlier treatment of ``OUTLIER_BLOCK``'s quantizations is calibrated on (None: plain
+    quantization).  ``memo``: what the other quantizations of the same export call
+    already traced (``exporters.export`` passes it)."""
     onnx_files.check_quant(quant)
     bad = [k for k in kinds if k not in FILES]
     if bad or not kinds:
@@ -144,17 +173,19 @@ def export(model, out_dir: str | Path, quant: str = "fp32", kinds: tuple[str, ..
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     data = f"onnx/weights{'' if quant == 'fp32' else '_' + quant}.data"
     graphs = {}
+    traced = graph_model(model, out, quant, calibration_text, memo)
     for kind in sorted(kinds, key=DEFAULT.index):
-        mp = fp32_graph(model, kind, memo)
+        mp = fp32_graph(traced, kind, memo, () if traced is model else ("treated", OUTLIER_BLOCK[quant]))
         if quant != "fp32":
             with progress(f"quantizing the {kind} graph to {quant}"), onnx_files.quiet_logs():
                 mp = onnx_files.quantize(mp, quant, model.args.vocab_size, keep_head,
-                                         keep=feature_projections(model))
+                                         keep=feature_projections(traced))
         graphs[file_name(kind, quant)] = (kind, mp)
     with progress(f"writing {len(graphs)} {quant} files"):
         onnx_files.pack({n: g for n, (_, g) in graphs.items()}, out, data)
     first = min(graphs.values(), key=lambda g: DEFAULT.index(g[0]))[0]
-    entries = [entry(model, out, kind, quant, data, keep_head, kind == first) for kind, _ in graphs.values()]
+    entries = [entry(model, out, kind, quant, data, keep_head, kind == first, traced is not model)
+               for kind, _ in graphs.values()]
     if parity_tokens:
         check(model, out, entries, parity_tokens, threads, parity_text, memo)
     return entries

@@ -11,9 +11,11 @@ SmolLM2 that alone drops top-1 agreement with fp32 to ~91%. Two exact rewrites
   channel by ``s_j = amax(x_j)^a / amax(W_j)^(1-a)`` there and multiply column ``j``
   of the weights by ``s_j``. ``amax(x)`` comes from calibration text.
 * **rotation** (as in QuaRot / SpinQuant, here block-diagonal): ``W x = (W R^T)(R x)``
-  with ``R`` a block-diagonal Hadamard matrix of 64 x 64 blocks, applied to the inputs
-  of the head, ``down_proj`` and ``o_proj``: outliers spread over their block. It costs
-  one small batched matmul per rotated input.
+  with ``R`` a block-diagonal Hadamard matrix, applied to the inputs of the head,
+  ``down_proj`` and ``o_proj`` (``.pte``: 64 x 64 blocks), or of every linear
+  (``ONNX``: 32 x 32 blocks, the block onnxruntime's int8 kernels quantize an input
+  row in, so each quantized block is a rotated one): outliers spread over their block.
+  It costs one small batched matmul per rotated input.
 
 ``scripts/int8_outliers.py MODEL`` measures each step's top-1 agreement with fp32
 (torchao's 8da8w in eager PyTorch; figures for the adapted SmolLM2 in the README).
@@ -22,6 +24,7 @@ SmolLM2 that alone drops top-1 agreement with fp32 to ~91%. Two exact rewrites
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ import torch.nn as nn
 Tensor = torch.Tensor
 ALPHA = 0.5          # SmoothQuant's default; `scripts/int8_outliers.py --alpha` compares others
 BLOCK = 64           # Hadamard block (smaller where a width is not a multiple of 64)
+OUTPUT_LINEARS = ("down_proj", "dense_4h_to_h", "o_proj", "dense")   # a layer's linears not fed by a norm
 CALIBRATION_TOKENS = 1024
 
 
@@ -57,6 +61,17 @@ class RotatedLinear(nn.Module):
             self.inner.weight.copy_(w)
             if linear.bias is not None:
                 self.inner.bias.copy_(linear.bias)
+
+    @classmethod
+    def around(cls, inner: nn.Linear, block: int) -> "RotatedLinear":
+        """A ``RotatedLinear`` over ``inner``, whose weights are already ``W R^T`` (the
+        fused projections of ``transforms.fuse_projections``)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.block = block
+        self.register_buffer("rotation", hadamard(block, inner.weight.dtype))
+        self.inner = inner
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -146,28 +161,38 @@ def block_for(k: int, block: int = BLOCK) -> int:
     return block
 
 
-def rotate(model: nn.Module, block: int = BLOCK) -> None:
-    """Block-Hadamard rotation of the inputs of the head and each layer's output linears."""
+def rotate(model: nn.Module, block: int = BLOCK, every_input: bool = False) -> None:
+    """Block-Hadamard rotation of the inputs of the head and each layer's output linears
+    (``every_input``: of every linear of the layers)."""
     def wrap(parent: nn.Module, name: str) -> None:
         lin = getattr(parent, name, None)
         if isinstance(lin, nn.Linear) and block_for(lin.in_features, block) >= 8:
             setattr(parent, name, RotatedLinear(lin, block_for(lin.in_features, block)))
     wrap(model, "lm_head")
     for layer in model.layers:
-        for name in ("down_proj", "dense_4h_to_h"):
-            wrap(layer.mlp, name)
-        for name in ("o_proj", "dense"):
-            wrap(layer.attn, name)
+        for part in (layer.mlp, layer.attn):
+            for name, child in list(part.named_children()):
+                if every_input or name in OUTPUT_LINEARS:
+                    wrap(part, name)
 
 
 def prepare_for_int8(model: nn.Module, calibration_ids: np.ndarray, alpha: float = ALPHA,
-                     block: int = BLOCK) -> nn.Module:
+                     block: int = BLOCK, every_input: bool = False) -> nn.Module:
     """A copy of ``model`` that computes the same function (up to float rounding)
-    with flatter linear inputs: smoothed on ``calibration_ids``, then rotated. The
-    head is untied from the embedding first (the embedding keeps its weights)."""
+    with flatter linear inputs: smoothed on ``calibration_ids``, then rotated (``rotate``).
+    The head is untied from the embedding first (the embedding keeps its weights)."""
     model = copy.deepcopy(model).eval()
     if model.lm_head.weight is model.embed.weight:
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
     smooth(model, input_absmax(model, calibration_ids), alpha)
-    rotate(model, block)
+    rotate(model, block, every_input)
     return model
+
+
+def calibration_ids(model: nn.Module, out_dir: Path, text: str) -> np.ndarray:
+    """Calibration ids for int8 from the English ``text`` (never the parity text), in the
+    tokenizer of the export folder ``out_dir`` when it has one."""
+    from ..parity import text_ids
+    from ..tokenizer import load_tokenizer
+    tok = load_tokenizer(out_dir) if (Path(out_dir) / "tokenizer.json").exists() else None
+    return text_ids(tok, model.args.vocab_size, CALIBRATION_TOKENS, text)[0]
