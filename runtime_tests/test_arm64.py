@@ -58,10 +58,12 @@ def test_fp32_on_arm64_equals_pytorch(tiny, fmt):
 
 @pytest.mark.parametrize("fmt", ["pte", "onnx"])
 def test_int8_on_arm64_meets_the_x86_bars(tiny, fmt):
-    """Teacher-forced over 96 tokens of English text (the prefill's logits at every
-    position), as the x86 tier's int8 agreement and perplexity checks."""
+    """Teacher-forced over 384 tokens of English text (the prefill's logits at every
+    position), as the x86 tier's int8 agreement and perplexity checks.  The random tiny
+    model's next-token distribution is flat (perplexity ~ its vocabulary), so a short
+    sample's top-1 is mostly chance: its first 96 tokens flip 6, the 384 flip 9 (x86)."""
     folder, model = tiny
-    ids = text_prompt(model, 96)
+    ids = text_prompt(model, 384)
     want, _, _ = torch_greedy(model, ids, 1)
     got = _run(folder, fmt, "int8", ids, 1, logits_steps=(0,), prefill_logits=True).logits[0]
     fig = agreement(got, want, ids)
