@@ -343,22 +343,23 @@ def window_mask(start: Tensor, t: int, window: int, offset: int = 0) -> Tensor:
     return torch.where(ok, 0.0, float("-inf"))[:, None, None]
 
 
-def window_softmax(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The window's unnormalised softmax sums: ``num = sum_j exp(s_j - mx) v_j``,
-    ``den = sum_j exp(s_j - mx)`` and ``mx = max_j s_j``, ``s = scale q.k + mask``.
+def window_softmax(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The window's unnormalised softmax sums ``(num, mx)``: ``num = sum_j exp(s_j - mx) v_j``
+    and ``mx = max_j s_j``, ``s = scale q.k + mask``.
 
     ``q [B, Hkv, rep, T, d]`` (query heads grouped by the key head they share),
-    ``k, v [B, Hkv, 1, T + W, *]``; each query's own key is always in its window, so
-    ``mx`` is finite and ``den >= 1``.  Kept apart (not ``num / den``) so that the
-    shared-normaliser combination can add the linear part's sums to them."""
+    ``k, v [B, Hkv, 1, T + W, *]``.  ``v`` carries a ones column last, so the last column
+    of ``num`` is the normaliser ``den = sum_j exp(s_j - mx)``, from the same matmul; each
+    query's own key is always in its window, so ``mx`` is finite and ``den >= 1``.  Kept
+    unnormalised so that the shared-normaliser combination can add the linear part's
+    sums to them."""
     s = (q @ k.transpose(-1, -2)) * scale + mask
     mx = s.amax(-1, keepdim=True)
-    p = (s - mx).exp()
-    return p @ v, p.sum(-1, keepdim=True), mx
+    return (s - mx).exp() @ v, mx
 
 
 def windowed_softmax(q: Tensor, k: Tensor, v: Tensor, start: Tensor, window: int, scale: float,
-                     block: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                     block: int = 0) -> tuple[Tensor, Tensor]:
     """``window_softmax`` over a call's queries in blocks of ``block`` (0 = one block), so a
     long prompt costs ``T (block + W)`` scores, not ``T (T + W)``."""
     t = q.shape[-2]

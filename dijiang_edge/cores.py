@@ -104,7 +104,9 @@ class NativeCore(Core):
             lg = ops.expand_bt(log_gate[0, :, 0], ctx.like)
         else:
             lg = log_gate.transpose(1, 2).expand(*ctx.like.shape, -1)
-        if beta is not None:        # beta_n phi(k_n)^T v_n == (beta_n phi(k_n))^T v_n, per query head
+        if beta is not None and beta.shape[1] == 1:     # one beta for every head (the window's entering mask)
+            k = k * beta.transpose(1, 2)
+        elif beta is not None:      # beta_n phi(k_n)^T v_n == (beta_n phi(k_n))^T v_n, per query head
             k = ops.repeat_heads(k, self.kv_heads, rep)
             k = ops.reshape_bt(ops.reshape_bt(k, [self.heads, -1]) * beta.transpose(1, 2)[..., None], [-1])
         return A.gated_linear_attention(q, k, v, state, lg)

@@ -324,7 +324,7 @@ class DiJiangAttention(nn.Module):
 
         Without a window: normaliser or GroupNorm, gate, projection.  With one, per head:
         ``shared`` (LoLCATs) divides window and linear sums by one normaliser,
-        ``(num + w lin) / (den + w z)`` with ``w = exp(window_weight - mx)`` (the window's
+        ``(num + w lin) / (den + w z)`` (``den`` and ``z`` the last column of each packed sum) with ``w = exp(window_weight - mx)`` (the window's
         sums are relative to its max score ``mx``), so on a prompt shorter than the window
         the layer is the source's softmax attention exactly; ``mix`` (Liger) blends the
         window's softmax output with the finished linear output,
@@ -332,16 +332,16 @@ class DiJiangAttention(nn.Module):
         a = self.a
         h, d = a.n_heads, a.head_dim
         if win is not None and a.window_mode == "shared":
-            num, den, mx = win
-            lin, z = ops.reshape_bt(o, [h, d + 1]).split([d, 1], dim=-1)
+            num, mx = win
             w = (self.window_weight[:, None] - mx).clamp(max=60.0).exp() * float(self.linear_on)
-            return self.out_proj(self.gated(ops.reshape_bt((num + w * lin) / (den + w * z), [-1]), x, gate))
+            num, den = (num + w * ops.reshape_bt(o, [h, d + 1])).split([d, 1], dim=-1)
+            return self.out_proj(self.gated(ops.reshape_bt(num / den, [-1]), x, gate))
         if a.variant != "official":
             o, z = ops.reshape_bt(o, [h, d + 1]).split([d, 1], dim=-1)
             o = ops.reshape_bt(o / (z + a.eps), [-1])
         o = self.gated(o, x, gate)
         if win is not None:
-            num, den, _ = win
+            num, den = win[0].split([d, 1], dim=-1)
             lam = torch.sigmoid(self.window_weight)[:, None] if self.linear_on else self.window_weight.new_ones(h, 1)
             o = ops.reshape_bt(lam * (num / den) + (1 - lam) * ops.reshape_bt(o, [h, d]), [-1])
         return self.out_proj(o)
@@ -369,31 +369,37 @@ class DiJiangAttention(nn.Module):
         a = self.a
         h, hkv, d, w = a.n_heads, a.n_kv_heads, a.head_dim, a.window
         s, ring_k, ring_v = state
-        b, t = x.shape[:2]
+        t = x.shape[1]
         qk, v, gate = self.rotated(x, ctx)
         q, k = qk.split([h, hkv], dim=2)
-        keys = torch.cat((ring_k, k.transpose(1, 2).to(ring_k.dtype)), dim=2)          # [B, H_kv, W + T, d]
-        vals = torch.cat((ring_v, ops.reshape_bt(v, [hkv, d]).transpose(1, 2).to(ring_v.dtype)), dim=2)
-        win = self.window_sums(q.transpose(1, 2).reshape(b, hkv, h // hkv, t, d), keys, vals, ctx)
+        keys = torch.cat((ring_k, _as(k.transpose(1, 2), ring_k)), dim=2)          # [B, H_kv, W + T, d]
+        vals = torch.cat((ring_v, _as(ops.reshape_bt(v, [hkv, d]).transpose(1, 2), ring_v)), dim=2)
+        ones = ops.append_ones(vals)        # the window's normaliser and the core's z ride along
+        # queries grouped by the key head they share, [B, H_kv, rep, T, d] (plain reshapes
+        # of the batch and sequence axes would trace to shape arithmetic per layer)
+        win = self.window_sums(ops.reshape_bt(q, [hkv, h // hkv, d]).permute(0, 2, 3, 1, 4), keys, ones, ctx)
+        # the T tokens that leave the window are the first T of the W + T (`:-w`: no shape arithmetic)
         fq = ops.reshape_bt(A.feature_map(q, self.proj), [-1])
-        fk = ops.reshape_bt(A.feature_map(keys[:, :, :t].transpose(1, 2), self.proj), [-1])
-        fv = self.values(ops.reshape_bt(vals[:, :, :t].transpose(1, 2), [-1]), fq)
+        fk = ops.reshape_bt(A.feature_map(keys[:, :, :-w].transpose(1, 2), self.proj), [-1])
+        fv = (vals if a.variant == "official" else ones)[:, :, :-w].transpose(1, 2)
+        fv = _as(ops.reshape_bt(fv, [-1]), fq)
         lg, beta = self.gates(ctx)
         enter = ctx.once("window_enter", lambda: self._entering(ctx))
         o, s = self.core(fq, fk, fv, lg, enter if beta is None else beta * enter, s, ctx)
         return self.finish(x, o, gate, win), [s, *self._ring(keys, vals, ctx)]
 
-    def window_sums(self, q: Tensor, keys: Tensor, vals: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
-        """The window's ``(num, den, mx)`` as ``[B, T, H, *]`` (``attention.window_softmax``);
+    def window_sums(self, q: Tensor, keys: Tensor, vals: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+        """The window's ``(num, mx)`` as ``[B, T, H, *]`` (``attention.window_softmax``;
+        ``vals`` carry the ones column, so ``num``'s last column is the normaliser);
         exported graphs (``window_block == 0``) share one mask per call."""
-        a, t = self.a, q.shape[-2]
+        a = self.a
         start, scale = ctx.positions[:, 0], a.head_dim ** -0.5
-        if self.window_block and t > self.window_block:
+        if self.window_block and q.shape[-2] > self.window_block:
             parts = A.windowed_softmax(q, keys[:, :, None], vals[:, :, None], start, a.window, scale, self.window_block)
         else:
-            mask = ctx.once("window_mask", lambda: A.window_mask(start, t, a.window))
+            mask = ctx.once("window_mask", lambda: A.window_mask(start, q.shape[-2], a.window))
             parts = A.window_softmax(q, keys[:, :, None], vals[:, :, None], mask, scale)
-        return tuple(p.reshape(p.shape[0], a.n_heads, t, -1).transpose(1, 2) for p in parts)
+        return tuple(ops.reshape_bt(p.permute(0, 3, 1, 2, 4), [a.n_heads, -1]) for p in parts)
 
     def _entering(self, ctx: Context) -> Tensor:
         """``[B, 1, T]``: 1 where step n moves a real token out of the window (position >= W)."""
@@ -410,6 +416,11 @@ class DiJiangAttention(nn.Module):
         idx = ctx.valid.sum(-1)[:, None] + torch.arange(w, device=keys.device)     # padding is at the end
         idx = idx[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         return keys.gather(2, idx), vals.gather(2, idx)
+
+
+def _as(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` in ``like``'s dtype (no node at all when it already is: a no-op cast still traces)."""
+    return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
 def check_args(a: ModelArgs) -> None:

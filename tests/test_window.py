@@ -51,7 +51,7 @@ def _reference_layer(attn, x, ctx):
                                              lg, a.window, d ** -0.5)
     heads_last = (lambda z: z.transpose(1, 2).float())
     lin = heads_last(lin).reshape(b, t, -1)
-    return attn.finish(x, lin, gate, (heads_last(num[..., :d]), heads_last(den), heads_last(mx)))
+    return attn.finish(x, lin, gate, (heads_last(torch.cat((num[..., :d], den), -1)), heads_last(mx)))
 
 
 def _reference_logits(model, ids):

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import ops
+
 Tensor = torch.Tensor
 ALPHA = 0.5          # SmoothQuant's default; `scripts/int8_outliers.py --alpha` compares others
 BLOCK = 64           # Hadamard block (smaller where a width is not a multiple of 64)
@@ -74,9 +76,12 @@ class RotatedLinear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x = x.reshape(*shape[:-1], shape[-1] // self.block, self.block) @ self.rotation.T
-        return self.inner(x.reshape(shape))
+        k = self.inner.in_features          # a Python int: traced shapes must not flow into reshape_bt
+        if x.dim() == 3:        # the model's [B, T, k]: constant-shape reshapes in a traced graph
+            x = ops.reshape_bt(ops.reshape_bt(x, [k // self.block, self.block]) @ self.rotation.T, [k])
+        else:
+            x = (x.reshape(*x.shape[:-1], k // self.block, self.block) @ self.rotation.T).reshape(x.shape)
+        return self.inner(x)
 
 
 # ----------------------------------------------------------------------------
