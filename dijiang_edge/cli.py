@@ -402,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .exporters import Terminated
     _quiet()
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["dijiang-export", *(sys.argv[1:] if argv is None else argv)])
@@ -410,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiJiangError as e:
         print(f"dijiang-export: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("dijiang-export: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("dijiang-export: interrupted", file=sys.stderr)
         return 130
