@@ -58,6 +58,9 @@ def check_out(out: str | Path, force: bool) -> None:
                            f"not delete it; choose another --out or remove it yourself")
 
 
+_ACTIVE: set[Path] = set()     # scratch folders this process is writing now
+
+
 def _partial_name(out: Path, pid: int) -> Path:
     return out.with_name(f".{out.name}.partial-{pid}")
 
@@ -212,10 +215,13 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     out = Path(os.path.abspath(out))         # `..` or `.` has no name to put scratch names beside
     clean_stale_partials(out)
     tmp = _partial_name(out, os.getpid())
+    if tmp in _ACTIVE:
+        raise DiJiangError(f"{out} is being written by another export in this process; choose another --out")
     if tmp.exists() or tmp.is_symlink():    # a dead run's of this PID (reused): ours only if marked
         if tmp.is_symlink() or not (tmp / MADE_BY).is_file():
             raise DiJiangError(f"{tmp} is in the way of the scratch folder; remove it and run again")
         shutil.rmtree(tmp)
+    _ACTIVE.add(tmp)
     with _signals_raise():
         try:
             try:
@@ -229,6 +235,8 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            _ACTIVE.discard(tmp)
 
 
 class Memo:
