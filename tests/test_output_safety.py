@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dijiang_edge.exporters import MADE_BY, OutputExists, staged_dir
+from dijiang_edge.exporters import MADE_BY, OutputExists, Terminated, staged_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -157,6 +157,21 @@ def test_sigterm_mid_export_leaves_no_partial_and_no_out(work, tiny_src):
     assert listing(work) == before                          # no .ex.partial-*, no ex, no lock
 
 
+@pytest.mark.parametrize("signum,raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_in_the_staged_block_removes_the_scratch_folder(tmp_path, signum, raised):
+    """In process: the signal becomes an exception there, the scratch folder goes, no
+    ``out`` appears, and the handlers from before are back after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(KeyboardInterrupt) as e:
+        with staged_dir(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"\x00" * 100)
+            os.kill(os.getpid(), signum)
+            time.sleep(5)                                    # the handler raises long before this ends
+    assert e.type is raised
+    assert list(tmp_path.iterdir()) == []
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
 def test_force_replaces_its_own_folder_and_cleans_a_dead_runs_partial(work, tiny_src):
     """``--force`` on a folder this tool made replaces it; a dead run's marked scratch
     folder to the same ``--out`` is removed (one stderr line), a live run's and an unmarked
@@ -183,7 +198,10 @@ def test_force_replaces_its_own_folder_and_cleans_a_dead_runs_partial(work, tiny
 
 # -- checkpoints --------------------------------------------------------------------
 
-def test_a_finished_adapt_run_keeps_a_checkpoint_folders_foreign_files(tmp_path, tiny_src):
+def test_a_finished_adapt_run_keeps_a_checkpoint_folders_foreign_files(tmp_path, tiny_src, one_thread):
+    """In process (the CLI adds nothing here; test_adapt.py runs the command): after a
+    finished run only the checkpoint's own files are gone from ``--checkpoint-dir``."""
+    from dijiang_edge.adapt import AdaptConfig, adapt
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "notes.txt").write_text("mine")
@@ -191,10 +209,13 @@ def test_a_finished_adapt_run_keeps_a_checkpoint_folders_foreign_files(tmp_path,
     text = tmp_path / "train.txt"
     text.write_text(" ".join(f"w{(i * 7) % 97}" for i in range(3000)))
     before = listing(tmp_path, skip=tmp_path / "adapted")
-    r = cli("adapt", str(tiny_src), "--data", str(text), "--out", "adapted", "--checkpoint-dir", str(ck),
-            "--checkpoint-steps", "1", "--stages", "finetune", "--token-budget", "256", "--seq-len", "32",
-            "--batch-size", "4", "--eval-tokens", "128", "--finetune", "full", "--threads", "1", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    cfg = AdaptConfig(stages=("finetune",), token_budget=256, seq_len=32, batch_size=4, eval_tokens=128,
+                      eval_batch=4, log_seconds=1e9, warmup_steps=1, checkpoint_steps=1, checkpoint_minutes=0,
+                      finetune_mode="full")
+    seen = []                                            # the checkpoint really was in ck mid-run
+    adapt(str(tiny_src), [str(text)], tmp_path / "adapted", cfg, checkpoint_dir=ck,
+          on_step=lambda _: seen.append((ck / "checkpoint.json").exists()))
+    assert any(seen)
     assert sorted(p.name for p in ck.iterdir()) == ["checkpoint.json.bak", "notes.txt"]
     assert listing(tmp_path, skip=tmp_path / "adapted") == before
     assert (tmp_path / "adapted" / "model.safetensors").is_file()

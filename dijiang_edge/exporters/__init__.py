@@ -11,7 +11,6 @@ export time).  An option it does not know is an error, not silently dropped.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
 import os
 import shutil
@@ -21,6 +20,11 @@ import threading
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:                  # Windows: no flock; the commit is then a plain rename
+    fcntl = None
 
 from .. import manifest as M
 from ..errors import DiJiangError
@@ -137,7 +141,7 @@ def _signals_raise() -> Iterator[None]:
         yield
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            signal.signal(s, h if h is not None else signal.SIG_DFL)   # None: a handler set from C
 
 
 @contextlib.contextmanager
@@ -147,6 +151,9 @@ def _out_lock(out: Path) -> Iterator[None]:
     The file is unlinked while still locked; a waiter that then gets the lock on the
     unlinked file sees that the path no longer names its file and takes the lock again,
     so two holders never hold locks on two different files."""
+    if fcntl is None:
+        yield
+        return
     lock = out.with_name(f".{out.name}.lock")
     while True:
         try:
@@ -177,6 +184,9 @@ def _out_lock(out: Path) -> Iterator[None]:
 def _signals_deferred() -> Iterator[None]:
     """SIGTERM and SIGINT held back until the block ends: between renaming the old
     ``out`` aside and the new one in, an interruption would leave neither."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     sigs = {signal.SIGTERM, signal.SIGINT}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
