@@ -269,10 +269,10 @@ def test_op_names_carry_no_address():
     assert op_name(some_python_function) == "some_python_function"
 
 
-def _export_twice(tmp_path: Path, src: Path, formats: list[str]) -> list[dict]:
+def _export_twice(tmp_path: Path, src: Path) -> list[dict]:
     from dijiang_edge.exporters import export
     for i in (1, 2):
-        export(str(src), tmp_path / f"e{i}", formats, ["fp32"], parity_tokens=0)
+        export(str(src), tmp_path / f"e{i}", ["onnx"], ["fp32"], parity_tokens=0)
     return [json.loads((tmp_path / f"e{i}" / "manifest.json").read_text()) for i in (1, 2)]
 
 
@@ -283,9 +283,6 @@ def _same_apart_from_created(a: dict, b: dict) -> None:
 
 
 def test_two_onnx_exports_have_equal_manifests_apart_from_created(tmp_path, tiny_src, one_thread):
-    _same_apart_from_created(*_export_twice(tmp_path, tiny_src, ["onnx"]))
+    """Fast; the two .pte exports are runtime_tests/test_export_contract.py's (slow) test."""
+    _same_apart_from_created(*_export_twice(tmp_path, tiny_src))
 
-
-@pytest.mark.slow
-def test_two_pte_exports_have_equal_manifests_apart_from_created(tmp_path, tiny_src, one_thread):
-    _same_apart_from_created(*_export_twice(tmp_path, tiny_src, ["pte"]))
