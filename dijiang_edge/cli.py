@@ -29,6 +29,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # transformers' "Loading weights" bars too
     logging.disable(logging.WARNING)     # torchao/torch import-time warnings; our output is print()
 
 
@@ -70,12 +71,12 @@ def _add_convert_options(p: argparse.ArgumentParser) -> None:
 # -- subcommands ------------------------------------------------------------------
 
 def cmd_convert(a: argparse.Namespace) -> None:
-    from .conversion import convert
     from .exporters import check_out, staged_dir, tokenizer_source
-    from .tokenizer import save_tokenizer
     t0 = time.time()
+    check_out(a.out, a.force)                # before torch loads: a refused --out costs no time
     from .adapter import applied
-    check_out(a.out, a.force)
+    from .conversion import convert
+    from .tokenizer import save_tokenizer
     model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
     with staged_dir(a.out, a.force) as tmp:
         model.save_pretrained(tmp)
@@ -144,7 +145,8 @@ def _split(s: str | None) -> list[str]:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from .exporters import export
+    from .exporters import check_out, export
+    check_out(a.out, a.force)                # before the exporters' imports and the profile
     prof = None
     if a.target:                         # a device profile: its values are the defaults of the flags
         from .profiles import load_profile
@@ -402,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .exporters import Terminated
     _quiet()
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["dijiang-export", *(sys.argv[1:] if argv is None else argv)])
@@ -410,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiJiangError as e:
         print(f"dijiang-export: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("dijiang-export: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("dijiang-export: interrupted", file=sys.stderr)
         return 130

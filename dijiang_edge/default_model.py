@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from .errors import DiJiangError
@@ -37,10 +36,14 @@ def gguf_path() -> Path:
     return p
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
 def default_source_dir() -> Path:
     """A float32 Hugging Face folder of the default model, made on first use."""
     out = cache_root() / "smollm2-135m-instruct-f32"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if _complete(out):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
@@ -51,12 +54,15 @@ def default_source_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = NAME
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    from .exporters import OutputExists, staged_dir
     from .manifest import sha256
-    (tmp / "SOURCE").write_text(f"{GGUF_NAME} sha256={sha256(g)}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)                      # atomic: a killed run leaves no half cache
+    incomplete = out.exists() or out.is_symlink()      # replaced only if made by this tool (marked)
+    try:
+        with staged_dir(out, force=incomplete) as tmp:   # atomic, locked: no half cache, no lost race
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "SOURCE").write_text(f"{GGUF_NAME} sha256={sha256(g)}\n")
+    except OutputExists:                 # another process made it meanwhile: use theirs
+        if not _complete(out):
+            raise
     return out

@@ -110,7 +110,7 @@ def test_kill_and_resume_gives_the_same_final_loss(tiny):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         _run(tiny, "resumed", _cfg(**cfg), on_step=kill)
-    assert not (tiny / "resumed").exists() and (tiny / "resumed-checkpoint" / "checkpoint.pt").exists()
+    assert not (tiny / "resumed").exists() and (tiny / "resumed-checkpoint" / "checkpoint.json").exists()
     with pytest.raises(DiJiangError, match="--resume"):
         _run(tiny, "resumed", _cfg(**cfg))
     resumed = _run(tiny, "resumed", _cfg(**cfg), resume=True)
@@ -279,4 +279,4 @@ def test_a_finished_run_removes_only_its_checkpoint_file(tiny):
     (ck / "notes.txt").write_text("my own file")
     _run(tiny, "ck-out", _cfg(stages="finetune", token_budget=4 * 128, checkpoint_steps=1), checkpoint_dir=ck)
     assert (ck / "notes.txt").read_text() == "my own file"
-    assert not (ck / "checkpoint.pt").exists()
+    assert sorted(p.name for p in ck.iterdir()) == ["notes.txt"]

@@ -175,8 +175,8 @@ class Adaptation:
         if self.resume:
             return self.ckpt.load()
         if self.ckpt.exists() and not self.force:
-            raise DiJiangError(f"{self.ckpt.path} holds an interrupted run; pass --resume to continue it, "
-                               "or --force to start over")
+            raise DiJiangError(f"{self.ckpt.folder} holds an interrupted run's checkpoint; pass --resume to "
+                               "continue it, or --force to start over")
         return None
 
     def _measure(self, kind: str, key: str, fn: Callable[[], float]) -> None:

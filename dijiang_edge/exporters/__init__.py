@@ -14,9 +14,17 @@ import contextlib
 import inspect
 import os
 import shutil
+import signal
+import sys
+import threading
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:                  # Windows: no flock; the commit is then a plain rename
+    fcntl = None
 
 from .. import manifest as M
 from ..errors import DiJiangError
@@ -29,42 +37,216 @@ FORMATS = {"onnx": "onnx", "pte": "executorch"}     # --formats name -> module
 MADE_BY = ".dijiang-export"   # in every folder this tool makes: what --force may replace
 
 
+class OutputExists(DiJiangError):
+    """``--out`` exists and ``--force`` was not given (a caller that makes a shared
+    cache folder treats it as "someone else made it first")."""
+
+
 def check_out(out: str | Path, force: bool) -> None:
     """Refuse an existing ``out`` unless ``force``, and even then unless it is a folder
     this tool made (it holds ``MADE_BY``, which every folder made here gets): ``--force``
     never deletes a user's own files.  Commands call it before their expensive work;
-    ``staged_dir`` calls it again at the end."""
+    ``staged_dir`` calls it again at entry and under the lock at commit."""
     out = Path(out)
+    if not Path(os.path.abspath(out)).name:
+        raise DiJiangError(f"--out {out} names no folder of its own; give a new folder's name")
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
-        raise DiJiangError(f"{out} already exists; choose another --out or pass --force to replace it")
-    if out.is_symlink() or not (out / MADE_BY).is_file():
+        raise OutputExists(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.is_symlink():
+        raise DiJiangError(f"{out} is a symlink, so --force will not replace it; choose another --out "
+                           "or remove it yourself")
+    if not (out / MADE_BY).is_file():
         raise DiJiangError(f"{out} was not made by dijiang-export (no {MADE_BY} in it), so --force will "
                            f"not delete it; choose another --out or remove it yourself")
+
+
+_ACTIVE: set[Path] = set()     # scratch folders this process is writing now
+
+
+def _partial_name(out: Path, pid: int) -> Path:
+    return out.with_name(f".{out.name}.partial-{pid}")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts as alive: not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def clean_stale_partials(out: str | Path) -> list[Path]:
+    """Remove the scratch folders of earlier runs to ``out`` whose process is gone.
+
+    Only folders named ``.OUT.partial-PID`` that hold ``MADE_BY`` (or are empty: a run
+    killed between mkdir and the marker) and whose PID no longer runs; a live run's
+    folder is left alone.  Each removal is said on stderr in one line, so a user who
+    wonders where disk space went sees it.  Returns the folders removed."""
+    out = Path(os.path.abspath(out))
+    removed = []
+    prefixes = (f".{out.name}.partial-", f".{out.name}.old-")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        prefix = next((x for x in prefixes if p.name.startswith(x)), None)
+        pid = p.name[len(prefix):] if prefix else ""
+        if not pid.isdigit() or p.is_symlink() or not p.is_dir():
+            continue
+        if int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if (p / MADE_BY).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.rmdir()                 # only when empty; anything else is not provably ours
+            except OSError:
+                continue
+        if not p.exists():
+            removed.append(p)
+            print(f"dijiang-export: removed {p}, left by an export that did not finish (process {pid} is gone)",
+                  file=sys.stderr, flush=True)
+    return removed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, ``docker stop`` and CI cancellation send) turned into an
+    exception, so the ``finally``/``except`` blocks that remove scratch folders run."""
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt``,
+    each once: a second signal during the cleanup is ignored so the cleanup finishes.
+    The old handlers are restored after.  Outside the main thread (where Python allows no
+    handlers) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)   # None: a handler set from C
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.OUT.lock`` beside ``out``, made here and removed here.
+
+    The file is unlinked while still locked; a waiter that then gets the lock on the
+    unlinked file sees that the path no longer names its file and takes the lock again,
+    so two holders never hold locks on two different files."""
+    if fcntl is None:
+        yield
+        return
+    lock = out.with_name(f".{out.name}.lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise DiJiangError(f"cannot create the lock file {lock} ({e.strerror}); check that "
+                               f"{lock.parent} is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT held back until the block ends: between renaming the old
+    ``out`` aside and the new one in, an interruption would leave neither."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    sigs = {signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    """Make ``tmp`` into ``out`` under the lock, after checking ``out`` again: another run
+    may have made it since the check at the start (then this one is refused, and the
+    other's folder stays).  A replaced folder is first renamed aside, so ``out`` is
+    always either the old or the new complete folder."""
+    with _out_lock(out), _signals_deferred():
+        check_out(out, force)
+        if not (out.exists() or out.is_symlink()):
+            tmp.rename(out)
+            return
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a scratch folder that becomes ``out`` only if the block succeeds.
 
-    ``out`` is checked by ``check_out``; a failure half-way leaves no half-written
-    ``out`` behind (the scratch folder is removed).
+    ``out`` is checked by ``check_out`` before the scratch folder exists (a file or a
+    symlink named with ``--force`` leaves nothing behind), and again under a lock at the
+    commit, which is one rename.  Scratch folders of dead earlier runs to ``out`` are
+    removed first.  A failure, Ctrl-C or SIGTERM half-way removes the scratch folder.
     """
-    out = Path(out)
     check_out(out, force)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / MADE_BY).write_text("made by dijiang-export; `--force` may replace this folder\n")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out = Path(os.path.abspath(out))         # `..` or `.` has no name to put scratch names beside
+    clean_stale_partials(out)
+    tmp = _partial_name(out, os.getpid())
+    if tmp in _ACTIVE:
+        raise DiJiangError(f"{out} is being written by another export in this process; choose another --out")
+    if tmp.exists() or tmp.is_symlink():    # a dead run's of this PID (reused): ours only if marked
+        if tmp.is_symlink() or not (tmp / MADE_BY).is_file():
+            raise DiJiangError(f"{tmp} is in the way of the scratch folder; remove it and run again")
+        shutil.rmtree(tmp)
+    _ACTIVE.add(tmp)
+    with _signals_raise():
+        try:
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                raise DiJiangError(f"cannot create {tmp} ({e.strerror}); check that {out.parent} "
+                                   "is writable") from None
+            (tmp / MADE_BY).write_text("made by dijiang-export; `--force` may replace this folder\n")
+            yield tmp
+            _commit(tmp, out, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            _ACTIVE.discard(tmp)
 
 
 class Memo:
