@@ -170,6 +170,7 @@ CASES: dict[str, tuple[Setup, str]] = {     # name -> (setup, a word the one lin
     "generate-converted-missing": (_converted(lambda p: p.unlink()), "missing"),
     "generate-converted-empty": (_converted(lambda p: p.write_bytes(b"")), "too short"),
     "convert-out-exists": (_existing_out, "already exists"),
+    "export-out-exists": (lambda case, s: ["export", *_existing_out(case, s)[1:]], "already exists"),
     # prompts
     "generate-empty-prompt-torch": (_prompt_torch(""), "empty"),
     "generate-empty-prompt-export": (_prompt(""), "empty"),
