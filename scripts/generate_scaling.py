@@ -5,7 +5,8 @@ On a tiny random Llama with an 8k vocabulary (no EOS, so it never stops early), 
 path (a Hugging Face folder) and an ONNX export folder:
 
 * tokens/s over the last 2,000 of 20,000 generated tokens vs the first 2,000 (each
-  token's text is timestamped as `generate` writes it);
+  token's text is timestamped as `generate` writes it): the window's mean rate, and the
+  rate from its median token time (robust to other work on a shared machine);
 * peak RSS (``ru_maxrss``) of a fresh process prefilling a 20,000-token prompt vs a
   2,000-token one, each generating 16 tokens.
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,12 +112,15 @@ def main() -> None:
             r = run(path, a.tokens, 8, a.threads)
             t, w = r["times"], a.window
             assert r["code"] == 0 and len(t) == a.tokens, (r["code"], len(t))
-            first = w / (t[w] - t[0])
-            last = w / (t[-1] - t[-1 - w])
+            first, last = t[:w + 1], t[-1 - w:]
+            mean = [w / (x[-1] - x[0]) for x in (first, last)]
+            median = [1 / statistics.median(b - a for a, b in zip(x, x[1:])) for x in (first, last)]
             mem = {n: run(path, 16, n, a.threads)["max_rss_kib"] / 1024 for n in (short, long)}
-            print(f"{name:8s} tokens/s first {w}: {first:8.0f}  last {w} of {a.tokens}: {last:8.0f}  "
-                  f"ratio {last / first:.2f} | peak RSS prompt {short}: {mem[short]:6.0f} MiB  "
-                  f"{long}: {mem[long]:6.0f} MiB  ratio {mem[long] / mem[short]:.2f}", flush=True)
+            print(f"{name:8s} tokens/s first {w} / last {w} of {a.tokens}: {mean[0]:6.0f} / {mean[1]:6.0f} "
+                  f"(ratio {mean[1] / mean[0]:.2f}; from the median token time {median[0]:6.0f} / "
+                  f"{median[1]:6.0f}, ratio {median[1] / median[0]:.2f}) | peak RSS prompt {short}: "
+                  f"{mem[short]:4.0f} MiB, {long}: {mem[long]:4.0f} MiB (ratio {mem[long] / mem[short]:.2f})",
+                  flush=True)
 
 
 if __name__ == "__main__":
