@@ -227,17 +227,16 @@ def test_default_config_fails_fast_with_little_memory(shared: dict, tmp_path: Pa
     """The 7B-by-default config is refused from the headers, not after building the model:
     the child's peak RSS stays far under 1 GB (the issue saw 20 GB and the OOM killer)."""
     argv = _llama_default_config(tmp_path, shared)
-    code = ("import resource, subprocess, sys, time; t = time.time(); "
+    code = ("import resource, subprocess, sys; "
             "r = subprocess.run([sys.executable, '-m', 'dijiang_edge.cli', *sys.argv[1:]], stdout=subprocess.DEVNULL); "
-            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t)")
+            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=120)
-    rc, peak_kib, seconds = r.stdout.split()
+                       text=True, timeout=120)   # no clock read here (test_timing): the timeout bounds it
+    rc, peak_kib = r.stdout.split()
     lines = r.stderr.splitlines()
     assert int(rc) == 2 and len(lines) == 1 and "does not match" in lines[0], (rc, r.stderr[-2000:])
     assert int(peak_kib) < 1 << 20, f"peak RSS {int(peak_kib) >> 10} MiB"
-    assert float(seconds) < 60, f"{float(seconds):.0f} s"
     assert not (tmp_path / "o").exists()
 
 

@@ -48,6 +48,16 @@ def input_ids(ids: np.ndarray, vocab_size: int | None = None) -> np.ndarray:
     return ids
 
 
+def vocab_of(entry, manifest=None) -> int | None:
+    """The vocabulary size a file's logits have (its entry's output shape, else the
+    manifest's model facts; None where neither says)."""
+    shape = ((entry.get("outputs") or {}).get("logits") or {}).get("shape") or []
+    if shape and isinstance(shape[-1], int):
+        return shape[-1]
+    model = (manifest or {}).get("model") if hasattr(manifest, "get") else None
+    return int(model["vocab_size"]) if model and "vocab_size" in model else None
+
+
 def open_export(folder: str | Path, format: str | None = None, quant: str | None = None,
                 threads: int = 0) -> Runner:
     """The runner of ``folder``'s default file of ``format``/``quant`` (``manifest.select``)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
-from . import input_ids
+from . import input_ids, vocab_of
 from .onnx import session
 
 
@@ -61,7 +61,7 @@ def open(folder: Path, entry: dict, manifest: dict, threads: int = 0):   # noqa:
             import onnxruntime  # noqa: F401
         except ImportError:
             raise DiJiangError("running .onnx files needs onnxruntime: `pip install onnxruntime`") from None
-        return KvOnnxRunner(Path(folder), entry, threads, vocab_size=int(manifest["model"]["vocab_size"]))
+        return KvOnnxRunner(Path(folder), entry, threads, vocab_size=vocab_of(entry, manifest))
     from .executorch import PteRunner
     try:        # registers the llama::update_cache / custom_sdpa kernels the baseline file calls
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
-from . import input_ids
+from . import input_ids, vocab_of
 from ..manifest import FileEntry, Manifest, verify_files
 
 
@@ -60,7 +60,7 @@ class OnnxRunner:
     def __init__(self, folder: Path, entry: FileEntry, manifest: Manifest, threads: int = 0, verify: bool = True,
                  spin: bool = True):
         self.entry, self.manifest = entry, manifest
-        self.vocab_size = int(manifest["model"]["vocab_size"])
+        self.vocab_size = vocab_of(entry, manifest)
         self.prefill_entry = companion(manifest, entry, "prefill")
         self.decode_entry = companion(manifest, entry, "decode")
         self.prefill = session(folder, self.prefill_entry, threads, verify, spin)
