@@ -203,6 +203,12 @@ CASES: dict[str, tuple[Setup, str]] = {     # name -> (setup, a word the one lin
     "export-chunk-size-zero": (_export("--chunk-size", "0"), "--chunk-size"),
     "export-onnx-only-quant-for-pte": (_export("--formats", "onnx,pte", "--quant", "int4"), "int4"),
     "export-unknown-quant": (_export("--quant", "int3"), "int3"),
+    # adapt / evaluate flags
+    "adapt-batch-size-zero": (lambda case, s: ["adapt", str(s["src"]), "--out", "o", "--batch-size", "0"],
+                              "--batch-size"),
+    "adapt-kl-weight-nan": (lambda case, s: ["adapt", str(s["src"]), "--out", "o", "--kl-weight", "nan"],
+                            "--kl-weight"),
+    "evaluate-seq-len-text": (lambda case, s: ["evaluate", str(s["src"]), "--seq-len", "long"], "--seq-len"),
 }
 
 
