@@ -16,9 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from .argtypes import OneLineParser, at_least, count_or_zero, int_list, number_in
 from .errors import DiJiangError
 
 ATTENTION_LENGTHS = [1024, 4096, 16384]
+CONTEXT_TOKENS = 4       # prompt tokens the detokenizer of `generate` starts from (spaces, split bytes)
 MODEL_HELP = ("a local Hugging Face model folder, a .gguf file, a converted or official DiJiang "
               "checkpoint folder, or 'default' (the embedded SmolLM2-135M-Instruct, with its shipped "
               "adapter where the package has one)")
@@ -59,9 +61,10 @@ def _adapter(a: argparse.Namespace):
 def _add_convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="official", choices=["official", "normalized", "normalized_gated"],
                    help="DiJiang form: the paper's (GroupNorm + gate), normalized, or normalized with a gate")
-    p.add_argument("--chunk-size", type=int, default=64, help="chunk length of the prefill form")
-    p.add_argument("--norm-groups", type=int, default=0, help="GroupNorm groups (0 = one per head)")
-    p.add_argument("--window", type=int, default=0,
+    p.add_argument("--chunk-size", type=at_least(1), default=64, help="chunk length of the prefill form")
+    p.add_argument("--norm-groups", type=at_least(0, "0 = one per head"), default=0,
+                   help="GroupNorm groups (0 = one per head)")
+    p.add_argument("--window", type=at_least(0, "0 = pure DiJiang"), default=0,
                    help="exact softmax over the last N tokens beside DiJiang (e.g. 64; 0 = pure DiJiang)")
     p.add_argument("--window-mode", default="shared", choices=["shared", "mix"],
                    help="window + DiJiang: one shared softmax normaliser (needs a normalized variant) "
@@ -89,18 +92,43 @@ def cmd_convert(a: argparse.Namespace) -> None:
           f"state {st.nbytes() / 1e6:.2f} MB per sequence at any length, {time.time() - t0:.1f}s)")
 
 
-def _echo_generation(tokens: Iterator[int], tok, prompt: str, prompt_tokens: int, what: str) -> None:
+def _echo_generation(tokens: Iterator[int], tok, prompt: str, prompt_ids: list[int], what: str) -> None:
     """Print the prompt and each new token's text as it comes, then the figures
     (``GenerationClock``: one definition of prefill time and tokens/s for every path)."""
     from .benchmark.timing import GenerationClock
-    out: list[int] = []
+    from .detokenize import IncrementalDecoder
+    text = IncrementalDecoder(tok.decode, prompt_ids[-CONTEXT_TOKENS:])   # constant time per token
     print(prompt, end="", flush=True)
     clock = GenerationClock()
     for t in tokens:
         clock.token()
-        out.append(t)
-        print(tok.decode(out)[len(tok.decode(out[:-1])):], end="", flush=True)
-    print("\n" + clock.summary(prompt_tokens, what), file=sys.stderr)
+        print(text.push(t), end="", flush=True)
+    print(text.flush(), end="")
+    print("\n" + clock.summary(len(prompt_ids), what), file=sys.stderr)
+
+
+def _check_prompt(prompt: str) -> None:
+    """An empty or non-UTF-8 ``--prompt``: refused before any model is loaded."""
+    if not prompt:
+        raise DiJiangError("--prompt is empty; give the text to continue")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:           # bytes the locale could not decode reach argv as surrogates
+        raise DiJiangError("--prompt is not UTF-8 text; pass it in UTF-8 (check the terminal's or "
+                           "the script's encoding)") from None
+
+
+def _check_top_k(top_k: int, vocab_size: int) -> None:
+    if top_k > vocab_size:
+        raise DiJiangError(f"--top-k {top_k} is more than the model's {vocab_size} tokens; give at most "
+                           f"{vocab_size} (0 = all)")
+
+
+def _prompt_ids(tok, prompt: str) -> list[int]:
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise DiJiangError(f"--prompt {prompt!r} encodes to no tokens; give some text")
+    return ids
 
 
 def _generate_export(a: argparse.Namespace) -> None:
@@ -109,15 +137,17 @@ def _generate_export(a: argparse.Namespace) -> None:
     from .runtime import open_export, stream_ids
     from .tokenizer import load_tokenizer
     manifest = read_manifest(a.model)
-    runner = open_export(a.model, a.format, a.quant, a.threads)
+    _check_top_k(a.top_k, manifest["model"]["vocab_size"])
     tok = load_tokenizer(a.model)
-    prompt = tok.encode(a.prompt).ids
+    prompt = _prompt_ids(tok, a.prompt)
+    runner = open_export(a.model, a.format, a.quant, a.threads)
     eos = manifest["model"].get("eos_ids", [])
     tokens = stream_ids(runner, prompt, a.max_new_tokens, eos, a.temperature, a.top_k, a.seed)
-    _echo_generation(tokens, tok, a.prompt, len(prompt), f"{runner.entry['format']} {runner.entry['quant']}")
+    _echo_generation(tokens, tok, a.prompt, prompt, f"{runner.entry['format']} {runner.entry['quant']}")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    _check_prompt(a.prompt)
     if (Path(a.model) / "manifest.json").exists():
         if a.adapter or a.no_adapter:
             raise DiJiangError(f"{a.model} is an export folder, converted already; --adapter and "
@@ -130,14 +160,15 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from .tokenizer import load_tokenizer, resolve_source
     from .exporters import tokenizer_source
     model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
+    _check_top_k(a.top_k, model.args.vocab_size)
     src = resolve_source(tokenizer_source(a.model, model))
     tok = load_tokenizer(src if src.is_dir() else src.parent)
-    ids = torch.tensor([tok.encode(a.prompt).ids])
+    ids = torch.tensor([_prompt_ids(tok, a.prompt)])
     if a.threads:
         torch.set_num_threads(a.threads)
     tokens = (int(t[0]) for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature,
                                            top_k=a.top_k, top_p=a.top_p, seed=a.seed))
-    _echo_generation(tokens, tok, a.prompt, ids.shape[1], "PyTorch")
+    _echo_generation(tokens, tok, a.prompt, ids[0].tolist(), "PyTorch")
 
 
 def _split(s: str | None) -> list[str]:
@@ -158,11 +189,13 @@ def cmd_export(a: argparse.Namespace) -> None:
         quants = list(dict.fromkeys(quants + [quant_label(a.qlinear, a.qembedding)]))
     a.variant = a.variant or (prof.variant if prof else None)     # None: the adapter's, else official
     opts = prof.export_options(formats) if prof else {}
-    if a.max_context:
+    if a.max_context is not None:
         opts["max_context_len"] = a.max_context
     if a.parity_tokens is not None:
         opts["parity_tokens"] = a.parity_tokens
     opts.update({k: v for k, v in (("parity_text", a.parity_text), ("calibration_text", a.calibration_text)) if v})
+    from .validate import check_quant_names
+    check_quant_names(formats, quants)   # every format's names before the first file is built
     target = None
     if prof:
         target = prof.to_manifest() | {"formats": formats, "quant": quants}
@@ -271,37 +304,37 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="measure the DiJiang files alone")
     p.add_argument("--out", default="out/bench", help="report folder (bench.json, report.md, *.png)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--lengths", default=None, help="context lengths reached by a real prefill before decode is "
+    p.add_argument("--lengths", type=int_list(1), default=None, help="context lengths reached by a real prefill before decode is "
                    "timed (default 128,512,2048,8192,16384; --attention-forms: prompt lengths, default "
                    + ",".join(map(str, ATTENTION_LENGTHS)) + ")")
-    p.add_argument("--threads", default=None, help="comma list of thread counts (default 1,2; --native: one, "
+    p.add_argument("--threads", type=int_list(0), default=None, help="comma list of thread counts (default 1,2; --native: one, "
                    "default 1; --attention-forms: one, default the runtime's)")
-    p.add_argument("--tokens", type=int, default=None, help="decode calls timed per context, median reported "
+    p.add_argument("--tokens", type=at_least(1), default=None, help="decode calls timed per context, median reported "
                    "(default 32; 16 with --quick)")
     p.add_argument("--formats", default=None, help="comma list of onnx, pte (default: all in DIR)")
     p.add_argument("--quant", default=None, help="comma list of quantizations (default: all in DIR)")
     p.add_argument("--files", default=None, help="time exactly the files whose paths match these comma-"
                    "separated patterns (e.g. 'onnx/*int8*'; decode-only graphs included) instead of each "
                    "format's and quantization's default file")
-    p.add_argument("--rounds", type=int, default=1, help="measure every file this many times, in turns, and "
+    p.add_argument("--rounds", type=at_least(1), default=1, help="measure every file this many times, in turns, and "
                    "report medians (side-by-side comparisons on a loaded machine)")
     p.add_argument("--quick", action="store_true", help="contexts 128,2048, 2 threads, 16 tokens: a few minutes")
-    p.add_argument("--bandwidth-mib", type=int, default=None,
+    p.add_argument("--bandwidth-mib", type=at_least(1), default=None,
                    help="buffer of the bandwidth measurement (default 1024 MiB; 256 with --quick)")
     g = p.add_argument_group("the C++ .pte runner per CPU (--native)")
     g.add_argument("--native", nargs="?", const="x86_64,aarch64", default=None, metavar="ARCHES",
                    help="time the C++ runner on the .pte files of DIR instead: x86 ms/token beside "
                         "instructions per decoded token (x86_64 callgrind; aarch64 counted under qemu); "
                         "ARCHES: comma list of x86_64, aarch64 (default both)")
-    g.add_argument("--count-tokens", type=int, default=4, help="decode calls whose instructions are counted")
-    g.add_argument("--prompt-len", type=int, default=8, help="prompt tokens before decoding")
+    g.add_argument("--count-tokens", type=at_least(1), default=4, help="decode calls whose instructions are counted")
+    g.add_argument("--prompt-len", type=at_least(1), default=8, help="prompt tokens before decoding")
     g = p.add_argument_group("prefill of the chunked vs the parallel form (--attention-forms)")
     g.add_argument("--attention-forms", action="store_true",
                    help="time one layer's DiJiang attention prefill in both forms (no DIR)")
-    g.add_argument("--heads", type=int, default=9)
-    g.add_argument("--head-dim", type=int, default=64)
-    g.add_argument("--chunk-size", type=int, default=64)
-    g.add_argument("--parallel-limit", type=int, default=16384,
+    g.add_argument("--heads", type=at_least(1), default=9)
+    g.add_argument("--head-dim", type=at_least(1), default=64)
+    g.add_argument("--chunk-size", type=at_least(1), default=64)
+    g.add_argument("--parallel-limit", type=at_least(0), default=16384,
                    help="skip the parallel form above this length (it needs T^2 memory)")
     g = p.add_argument_group("one report from several runs (--report)")
     g.add_argument("--report", nargs="+", metavar="JSON", default=None,
@@ -313,7 +346,8 @@ def _add_bench_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .exporters import PARITY_TOKENS
-    ap = argparse.ArgumentParser(
+    from .validate import PARITY_MIN
+    ap = OneLineParser(
         prog="dijiang-export",
         description="Convert a Hugging Face causal LM to DiJiang linear attention (recurrent form, "
                     "fixed-size state), export it to ONNX / ExecuTorch and check the files against PyTorch.")
@@ -330,12 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a model or an exported folder")
     p.add_argument("model", help=MODEL_HELP + ", or an export folder (with manifest.json)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = runtime default)")
+    p.add_argument("--max-new-tokens", type=at_least(0), default=48)
+    p.add_argument("--temperature", type=number_in(0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=at_least(0, "0 = all tokens"), default=0,
+                   help="sample among the k likeliest tokens (0 = all; at most the vocabulary)")
+    p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--threads", type=at_least(0, "0 = runtime default"), default=0,
+                   help="CPU threads (0 = runtime default)")
     p.add_argument("--format", default=None, help="for export folders: onnx or pte (needed where it has both)")
     p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (needed where it has both)")
     _add_convert_options(p)
@@ -351,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the defaults, and the manifest records it")
     p.add_argument("--formats", default=None, help="comma list of: onnx, pte (default: the target's, else onnx)")
     p.add_argument("--quant", default=None, help="comma list of: fp32, int8 (default: the target's, else fp32)")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-context", type=at_least(1), default=None,
                    help="pte: tokens per sequence the runner allows (default: the target's, else 2^20)")
-    p.add_argument("--parity-tokens", type=int, default=None,
+    p.add_argument("--parity-tokens", type=count_or_zero(PARITY_MIN, "skip"), default=None,
                    help=f"tokens of English text each file is checked on at export (0 = skip; "
                         f"default: {PARITY_TOKENS})")
     p.add_argument("--parity-text", default=None, help="English text of the parity checks: shakespeare "
@@ -378,11 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="the PyTorch reference (default: the model the folder was exported from, "
                         "from manifest.json)")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--tokens", type=at_least(1), default=None,
                    help="tokens of English text teacher-forced per file (default: 512)")
     p.add_argument("--files", default=None,
                    help="only the files whose path matches these comma-separated patterns (e.g. 'onnx/native*')")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of each runtime (0 = its default)")
+    p.add_argument("--threads", type=at_least(0, "0 = the runtime's default"), default=1,
+                   help="CPU threads of each runtime (0 = its default)")
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("export-baseline", help="export the original model with a softmax KV cache "
@@ -391,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (manifest.json marks files attention: softmax)")
     p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
     p.add_argument("--quant", default="fp32,int8", help="comma list of: fp32, int8 (the DiJiang recipes)")
-    p.add_argument("--parity-tokens", type=int, default=64, help="prefill tokens checked against HF (0: skip)")
+    p.add_argument("--parity-tokens", type=at_least(0, "0 = skip"), default=64,
+                   help="prefill tokens checked against HF (0: skip)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(fn=cmd_export_baseline)
 

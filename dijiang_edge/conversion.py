@@ -8,7 +8,6 @@ partial rotary), plus checkpoints trained with the official DiJiang GPT-NeoX cod
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ import torch
 from .adapter import AUTO, choose
 from .errors import DiJiangError
 from .model import VARIANTS, DiJiangForCausalLM, ModelArgs, check_args
+from .validate import check_config_against_weights, folder_shapes, read_config, safetensors_shapes
 
 log = logging.getLogger(__name__)
 
@@ -293,11 +293,13 @@ def load_source(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     if not (p / "config.json").exists():
         raise DiJiangError(f"{p} is not a model folder (no config.json); give a Hugging Face model "
                            "folder saved with save_pretrained, or a .gguf file")
+    read_config(p)                       # not JSON / not UTF-8: one line, before transformers reads it
     try:
         cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
         raise DiJiangError(f"{p}/config.json could not be read ({str(e)[:200]})") from None
     check_supported(getattr(cfg, "model_type", None))
+    check_config_against_weights(p, cfg)  # before building it: a default config is a 7B model
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
     except Exception as e:
@@ -338,7 +340,7 @@ def _is_converted(model_or_path: Any) -> bool:
     cfg = Path(str(model_or_path)).expanduser() / "config.json"
     if not cfg.is_file():
         return False
-    return json.loads(cfg.read_text()).get("model_type") == "dijiang"
+    return read_config(cfg.parent).get("model_type") == "dijiang"
 
 
 def _convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:
@@ -352,8 +354,12 @@ def _convert(model_or_path: Any, **options: Any) -> DiJiangForCausalLM:
         model_or_path = default_source_dir()
     p = Path(model_or_path).expanduser()
     if p.is_dir() and (p / "config.json").exists():
-        cfg_json = json.loads((p / "config.json").read_text())
+        cfg_json = read_config(p)
+        folder_shapes(p)                 # a missing or truncated weights file: one line, not a loader's error
         if cfg_json.get("model_type") == "dijiang":
+            if not isinstance(cfg_json.get("dijiang_edge"), dict):
+                raise DiJiangError(f"{p}/config.json lacks its 'dijiang_edge' settings; convert the model again")
+            safetensors_shapes(p / "model.safetensors")
             return DiJiangForCausalLM.from_pretrained(p)
         if cfg_json.get("model_type") == "gpt_neox" and has_official_keys(p):
             from transformers import AutoConfig

@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .errors import DiJiangError
 from .model import DiJiangForCausalLM, RecurrentState
 
 Tensor = torch.Tensor
@@ -29,6 +30,26 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p:
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[..., 0]
 
 
+PREFILL_PIECE = 512     # prompt tokens per prefill call: bounds the logits held, [B, 512, V]
+
+
+@torch.no_grad()
+def prefill_last(model: DiJiangForCausalLM, input_ids: Tensor, state: RecurrentState | None = None,
+                 piece: int = PREFILL_PIECE) -> tuple[Tensor, RecurrentState]:
+    """The last position's logits ``[B, 1, V]`` after ``input_ids``, and the state.
+
+    The prompt goes in pieces (the state carries between them, as between any two
+    calls), so memory does not grow with the prompt: a whole 100k-token prompt's logits
+    would be 20 GB with SmolLM2's vocabulary, and generation needs only the last row."""
+    if input_ids.shape[1] == 0:
+        raise DiJiangError("the prompt is empty (no tokens); give some text")
+    logits = None
+    for i in range(0, input_ids.shape[1], piece):
+        logits, state = model(input_ids[:, i:i + piece], state)
+        logits = logits[:, -1:].clone()     # drop the piece's other rows now
+    return logits, state
+
+
 @torch.no_grad()
 def stream(model: DiJiangForCausalLM, input_ids: Tensor, max_new_tokens: int = 32,
            state: RecurrentState | None = None, eos_ids: list[int] | None = None,
@@ -37,7 +58,7 @@ def stream(model: DiJiangForCausalLM, input_ids: Tensor, max_new_tokens: int = 3
     """Yield ``(next_tokens [B], state)`` one step at a time (batch of one stops at EOS)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     eos = set(model.args.eos_ids if eos_ids is None else eos_ids)
-    logits, state = model(input_ids, state)
+    logits, state = prefill_last(model, input_ids, state)
     for _ in range(max_new_tokens):
         tok = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
         yield tok, state

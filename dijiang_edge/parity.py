@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .bars import BARS
+from .errors import DiJiangError
 from .text import sample_text
+from .validate import PARITY_PROMPT
 
 BLOCK = 256
 
@@ -119,7 +121,10 @@ class Reference:
     """The PyTorch model's outputs on ``ids``: prefill logits per block, teacher-forced
     decode logits after ``prompt`` tokens, and a greedy continuation of ``greedy`` tokens."""
 
-    def __init__(self, model, ids: np.ndarray, prompt: int = 32, decode: int = 32, greedy: int = 64):
+    def __init__(self, model, ids: np.ndarray, prompt: int = PARITY_PROMPT, decode: int = 32, greedy: int = 64):
+        if len(ids) <= prompt:
+            raise DiJiangError(f"parity checks need at least {prompt + 1} tokens (got {len(ids)}); "
+                               "give more parity tokens, or 0 to skip them")
         self.ids, self.prompt = ids, prompt
         self.blocks, state = [], None
         for i in range(0, len(ids), BLOCK):

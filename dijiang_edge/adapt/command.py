@@ -7,6 +7,8 @@ import argparse
 import sys
 from typing import Callable
 
+from ..argtypes import at_least, number_in
+
 
 def add_parser(sub: argparse._SubParsersAction, model_help: str,
                add_convert_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -25,26 +27,26 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--token-budget", default="0", help="training tokens over all stages, e.g. 200k (0 = no limit)")
     p.add_argument("--time-budget", default="0",
                    help="training time over all stages, e.g. 20m (evaluation not counted)")
-    p.add_argument("--transfer-share", type=float, default=0.3, help="share of the budgets for transfer (both stages)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
+    p.add_argument("--transfer-share", type=number_in(0.0, 1.0), default=0.3, help="share of the budgets for transfer (both stages)")
+    p.add_argument("--seq-len", type=at_least(2), default=256, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="sequences per step, all processes together")
     p.add_argument("--finetune", dest="finetune_mode", default="lora", choices=["lora", "full"],
                    help="low-rank updates of the source projections, or every weight")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--transfer-lr", type=float, default=1e-2)
-    p.add_argument("--finetune-lr", type=float, default=0.0, help="0 = 1e-3 for lora, 1e-4 for full")
-    p.add_argument("--kl-weight", type=float, default=0.7, help="finetune loss = (1-w) CE + w KL(teacher||student)")
-    p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to score (at most, per text)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", type=at_least(1), default=16)
+    p.add_argument("--transfer-lr", type=number_in(0.0), default=1e-2)
+    p.add_argument("--finetune-lr", type=number_in(0.0), default=0.0, help="0 = 1e-3 for lora, 1e-4 for full")
+    p.add_argument("--kl-weight", type=number_in(0.0, 1.0), default=0.7, help="finetune loss = (1-w) CE + w KL(teacher||student)")
+    p.add_argument("--warmup-steps", type=at_least(0), default=3)
+    p.add_argument("--eval-tokens", type=at_least(1), default=8192, help="held-out tokens to score (at most, per text)")
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--teacher", default=None, help="the softmax source model, if MODEL does not record it")
     p.add_argument("--checkpoint-dir", default=None, help="default: OUT-checkpoint (removed after success)")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (0 = by time only)")
+    p.add_argument("--checkpoint-minutes", type=number_in(0.0, low_open=True), default=5.0)
+    p.add_argument("--checkpoint-steps", type=at_least(0, "0 = by time only"), default=0, help="also checkpoint every N steps (0 = by time only)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its checkpoint")
     p.add_argument("--keep-checkpoint", action="store_true")
     p.add_argument("--force", action="store_true", help="replace OUT and any old checkpoint")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
+    p.add_argument("--threads", type=at_least(0, "0 = torch default"), default=0, help="CPU threads per process (0 = torch default)")
     p.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
     p.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
                    help="tensors of OUT/adapter.safetensors (16-bit: half the size)")
@@ -102,14 +104,14 @@ def add_evaluate_parser(sub: argparse._SubParsersAction, model_help: str) -> Non
     p.add_argument("--text", nargs="+", required=True, metavar="TEXT",
                    help="texts to score, each on its own: built-in names (heldout-a, heldout-b, general, ...) "
                         "or text files")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per scored block")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per text (at most; as adapt)")
-    p.add_argument("--batch", type=int, default=4, help="blocks per forward pass")
+    p.add_argument("--seq-len", type=at_least(2), default=256, help="tokens per scored block")
+    p.add_argument("--eval-tokens", type=at_least(1), default=8192, help="tokens scored per text (at most; as adapt)")
+    p.add_argument("--batch", type=at_least(1), default=4, help="blocks per forward pass")
     p.add_argument("--teacher", action="store_true", help="also score the softmax source model MODEL records")
     p.add_argument("--teacher-model", default=None, metavar="MODEL",
                    help="the softmax source model to score beside it, where MODEL does not record it")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=at_least(0, "0 = torch default"), default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--window-only", action="store_true",
                    help="also score the model with its DiJiang part off (the window alone) and, with a "
                         "teacher, the long-range recovery")

@@ -330,7 +330,9 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     from ..adapter import applied
     from ..conversion import convert
     from ..tokenizer import save_tokenizer
+    from ..validate import check_quant_names
     exporters = {f: exporter(f) for f in formats}          # fail fast on a missing runtime
+    check_quant_names(formats, quants)                     # a name one format lacks: before any file
     if any(q != "fp32" for q in quants):
         check_texts(parity_text, calibration_text)         # int8 files calibrate: before any work
     routed = route_options(exporters, {**opts, "parity_text": parity_text, "calibration_text": calibration_text})

@@ -32,12 +32,30 @@ class Runner(Protocol):
     def forward(self, ids: np.ndarray) -> np.ndarray: ...
 
 
-def input_ids(ids: np.ndarray) -> np.ndarray:
-    """``ids`` as the contiguous int64 ``[batch, seq > 0]`` array every runner feeds."""
+PREFILL_PIECE = 512     # prompt tokens per prefill call of ``stream_ids``: bounds the logits held
+
+
+def input_ids(ids: np.ndarray, vocab_size: int | None = None) -> np.ndarray:
+    """``ids`` as the contiguous int64 ``[batch, seq > 0]`` array every runner feeds;
+    an id outside ``[0, vocab_size)`` is refused (a graph's gather would read another
+    row, or out of bounds, without a word)."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise DiJiangError(f"input ids must have shape [batch, seq>0], got {list(ids.shape)}")
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise DiJiangError(f"token ids must lie in [0, {vocab_size}) for this model "
+                           f"(got {int(ids.min())}..{int(ids.max())})")
     return ids
+
+
+def vocab_of(entry, manifest=None) -> int | None:
+    """The vocabulary size a file's logits have (its entry's output shape, else the
+    manifest's model facts; None where neither says)."""
+    shape = ((entry.get("outputs") or {}).get("logits") or {}).get("shape") or []
+    if shape and isinstance(shape[-1], int):
+        return shape[-1]
+    model = (manifest or {}).get("model") if hasattr(manifest, "get") else None
+    return int(model["vocab_size"]) if model and "vocab_size" in model else None
 
 
 def open_export(folder: str | Path, format: str | None = None, quant: str | None = None,
@@ -63,7 +81,7 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
-    if top_k > 0:
+    if 0 < top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
     p = np.exp(z - z.max())
@@ -72,9 +90,15 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
 
 def stream_ids(runner: Runner, prompt: list[int], max_new_tokens: int, eos_ids: list[int],
                temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Iterator[int]:
-    """Prefill ``prompt`` in one call, then decode one token per call."""
+    """Prefill ``prompt``, then decode one token per call.  The prompt goes in pieces
+    of ``PREFILL_PIECE`` tokens and only the last position's logits are kept, so memory
+    does not grow with the prompt (a runner returns every position's logits)."""
+    if not prompt:
+        raise DiJiangError("the prompt is empty (no tokens); give some text")
     rng = np.random.default_rng(seed)
-    logits = runner.forward(np.asarray([prompt], dtype=np.int64))[0, -1]
+    ids = np.asarray([prompt], dtype=np.int64)
+    for i in range(0, ids.shape[1], PREFILL_PIECE):
+        logits = runner.forward(ids[:, i:i + PREFILL_PIECE])[0, -1].copy()
     for _ in range(max_new_tokens):
         tok = sample(logits, temperature, top_k, rng)
         yield tok

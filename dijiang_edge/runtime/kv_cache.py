@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
-from . import input_ids
+from . import input_ids, vocab_of
 from .onnx import session
 
 
 class KvOnnxRunner:
     """``forward(ids [B, T]) -> logits [B, T, V]``, the KV cache carried between calls."""
 
-    def __init__(self, folder: Path, entry: dict, threads: int = 0, verify: bool = True):
-        self.entry = entry
+    def __init__(self, folder: Path, entry: dict, threads: int = 0, verify: bool = True,
+                 vocab_size: int | None = None):
+        self.entry, self.vocab_size = entry, vocab_size
         self.sess = session(Path(folder), entry, threads, verify)
         self.names = [p["name"] for p in entry["inputs"]["past_key_values"]]
         _, self.kv_heads, _, self.head_dim = entry["inputs"]["past_key_values"][0]["shape"]
@@ -46,7 +47,7 @@ class KvOnnxRunner:
         return out[0]
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        ids = input_ids(ids)
+        ids = input_ids(ids, self.vocab_size)
         if self.pos == 0 and ids.shape[0] != self.cache[0].shape[0]:
             self.reset(ids.shape[0])
         parts = [self._run(ids[:, i:i + self.block]) for i in range(0, ids.shape[1], self.block)]
@@ -60,7 +61,7 @@ def open(folder: Path, entry: dict, manifest: dict, threads: int = 0):   # noqa:
             import onnxruntime  # noqa: F401
         except ImportError:
             raise DiJiangError("running .onnx files needs onnxruntime: `pip install onnxruntime`") from None
-        return KvOnnxRunner(Path(folder), entry, threads)
+        return KvOnnxRunner(Path(folder), entry, threads, vocab_size=vocab_of(entry, manifest))
     from .executorch import PteRunner
     try:        # registers the llama::update_cache / custom_sdpa kernels the baseline file calls
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401

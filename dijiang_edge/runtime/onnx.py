@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiJiangError
-from . import input_ids
+from . import input_ids, vocab_of
 from ..manifest import FileEntry, Manifest, verify_files
 
 
@@ -60,6 +60,7 @@ class OnnxRunner:
     def __init__(self, folder: Path, entry: FileEntry, manifest: Manifest, threads: int = 0, verify: bool = True,
                  spin: bool = True):
         self.entry, self.manifest = entry, manifest
+        self.vocab_size = vocab_of(entry, manifest)
         self.prefill_entry = companion(manifest, entry, "prefill")
         self.decode_entry = companion(manifest, entry, "decode")
         self.prefill = session(folder, self.prefill_entry, threads, verify, spin)
@@ -83,7 +84,7 @@ class OnnxRunner:
         return out[0]
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        ids = input_ids(ids)
+        ids = input_ids(ids, self.vocab_size)
         if self.pos == 0 and ids.shape[0] != self.state[0].shape[0]:
             self.reset(ids.shape[0])
         if ids.shape[1] == 1:
