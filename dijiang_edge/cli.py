@@ -444,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .exporters import Terminated
     _quiet()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:          # argparse has printed its one line (or --help): its code, returned
+        return int(e.code or 0)
     args.command_line = shlex.join(["dijiang-export", *(sys.argv[1:] if argv is None else argv)])
     try:
         code = args.fn(args)

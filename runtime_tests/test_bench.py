@@ -116,7 +116,7 @@ def test_bench_bad_input_is_one_clear_line(dijiang_dir, baseline_dir, tmp_path, 
         (["bench", "--report", str(tmp_path / "none.json"), "--out", str(tmp_path / "m")], "is not a bench.json"),
         (["bench", str(dijiang_dir), "--no-baseline", "--lengths", "16,many"], "comma list of integers"),
         (["bench", str(dijiang_dir), "--no-baseline", "--rounds", "0", "--out", str(tmp_path / "r0")],
-         "--rounds >= 1"),
+         "--rounds: must be an integer >= 1"),
         (["bench", str(dijiang_dir), "--no-baseline", "--files", "onnx/nothing*"], "files=onnx/nothing*"),
     ]
     for argv, msg in cases:

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str,
     p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--teacher", default=None, help="the softmax source model, if MODEL does not record it")
     p.add_argument("--checkpoint-dir", default=None, help="default: OUT-checkpoint (removed after success)")
-    p.add_argument("--checkpoint-minutes", type=number_in(0.0, low_open=True), default=5.0)
+    p.add_argument("--checkpoint-minutes", type=number_in(0.0), default=5.0)      # 0: by steps only
     p.add_argument("--checkpoint-steps", type=at_least(0, "0 = by time only"), default=0, help="also checkpoint every N steps (0 = by time only)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its checkpoint")
     p.add_argument("--keep-checkpoint", action="store_true")
