@@ -9,6 +9,7 @@ import torch
 
 from .errors import DiJiangError
 from .model import DiJiangForCausalLM, RecurrentState
+from .runtime import PREFILL_PIECE     # one piece size for both paths (the runtime is torch-free)
 
 Tensor = torch.Tensor
 
@@ -28,9 +29,6 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p:
         drop = probs.cumsum(-1) - probs > top_p
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[..., 0]
-
-
-PREFILL_PIECE = 512     # prompt tokens per prefill call: bounds the logits held, [B, 512, V]
 
 
 @torch.no_grad()
