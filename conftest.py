@@ -104,3 +104,38 @@ def tiny_src(tmp_path_factory):
     tiny_hf("smollm2").save_pretrained(src)
     word_tokenizer(src)
     return src
+
+
+# A chat template over the word tokenizer's words, ChatML's shape: "w1" opens a message,
+# "w2" (the tiny models' EOS) ends it, roles are words too. Every piece is whitespace-
+# separated words, so text and ids convert both ways exactly (decode joins with spaces).
+WORD_CHAT_TEMPLATE = (
+    "{% set roles = {'system': 'w3', 'user': 'w5', 'assistant': 'w4'} %}"
+    "{% for m in messages %}w1 {{ roles[m['role']] }} {{ m['content'] }} w2 {% endfor %}"
+    "{% if add_generation_prompt %}w1 w4 {% endif %}")
+
+
+def chat_hf(seed: int = 0, scale: float = 3.0):
+    """``tiny_hf("smollm2")`` with its weights scaled up (a plain random init repeats one
+    token) and its EOS row of the tied embedding zeroed, so EOS logits are exactly 0 and a
+    greedy reply never ends early: every turn runs its full length."""
+    model = tiny_hf("smollm2", seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+        model.get_input_embeddings().weight[2] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def chat_src(tmp_path_factory):
+    """A saved chat-able tiny Hugging Face folder: word tokenizer, ``WORD_CHAT_TEMPLATE``
+    in its tokenizer_config.json (as the Hub's models carry it), EOS ``w2``."""
+    import json
+    src = tmp_path_factory.mktemp("chat") / "smollm2"
+    chat_hf().save_pretrained(src)
+    word_tokenizer(src)
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": WORD_CHAT_TEMPLATE, "bos_token": "w1", "eos_token": "w2"}))
+    return src
+

@@ -13,8 +13,9 @@ import shlex
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from .argtypes import OneLineParser, at_least, count_or_zero, int_list, number_in
 from .errors import DiJiangError
@@ -92,18 +93,25 @@ def cmd_convert(a: argparse.Namespace) -> None:
           f"state {st.nbytes() / 1e6:.2f} MB per sequence at any length, {time.time() - t0:.1f}s)")
 
 
-def _echo_generation(tokens: Iterator[int], tok, prompt: str, prompt_ids: list[int], what: str) -> None:
-    """Print the prompt and each new token's text as it comes, then the figures
-    (``GenerationClock``: one definition of prefill time and tokens/s for every path)."""
+def _echo_generation(tokens: Iterator[int], tok, prompt: str, prompt_ids: list[int], what: str,
+                     stops: list[str] | None = None) -> None:
+    """Print the prompt and each new token's text as it comes, up to a stop string, then
+    the figures (``GenerationClock``: one definition of prefill time and tokens/s for
+    every path)."""
     from .benchmark.timing import GenerationClock
-    from .detokenize import IncrementalDecoder
+    from .detokenize import IncrementalDecoder, StopStrings
     text = IncrementalDecoder(tok.decode, prompt_ids[-CONTEXT_TOKENS:])   # constant time per token
+    stop = StopStrings(stops)
     print(prompt, end="", flush=True)
     clock = GenerationClock()
     for t in tokens:
         clock.token()
-        print(text.push(t), end="", flush=True)
-    print(text.flush(), end="")
+        piece, stopped = stop.push(text.push(t))
+        print(piece, end="", flush=True)
+        if stopped:
+            break
+    if not stop.stopped:
+        print(stop.push(text.flush())[0] + stop.flush(), end="")
     print("\n" + clock.summary(len(prompt_ids), what), file=sys.stderr)
 
 
@@ -111,10 +119,14 @@ def _check_prompt(prompt: str) -> None:
     """An empty or non-UTF-8 ``--prompt``: refused before any model is loaded."""
     if not prompt:
         raise DiJiangError("--prompt is empty; give the text to continue")
+    _check_utf8(prompt, "--prompt")
+
+
+def _check_utf8(text: str, flag: str) -> None:
     try:
-        prompt.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:           # bytes the locale could not decode reach argv as surrogates
-        raise DiJiangError("--prompt is not UTF-8 text; pass it in UTF-8 (check the terminal's or "
+        raise DiJiangError(f"{flag} is not UTF-8 text; pass it in UTF-8 (check the terminal's or "
                            "the script's encoding)") from None
 
 
@@ -131,44 +143,74 @@ def _prompt_ids(tok, prompt: str) -> list[int]:
     return ids
 
 
-def _generate_export(a: argparse.Namespace) -> None:
+def _sampling(a: argparse.Namespace):
+    from .sampling import Sampling
+    return Sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+
+
+@dataclass
+class _Opened:
+    """A model ready to decode (``decoding.LM``), its tokenizer and what to call it."""
+    lm: Any
+    tok: Any
+    tokenizer_dir: Path
+    eos_ids: list[int]
+    what: str
+
+
+def _open_export(a: argparse.Namespace, check: Callable[[Any, Path], None]) -> _Opened:
     """An export folder: onnxruntime or executorch, no torch."""
+    from .decoding import RunnerLM
     from .exporters import read_manifest
-    from .runtime import open_export, stream_ids
+    from .runtime import open_export
     from .tokenizer import load_tokenizer
+    if a.adapter or a.no_adapter:
+        raise DiJiangError(f"{a.model} is an export folder, converted already; --adapter and "
+                           "--no-adapter apply when converting a source MODEL")
     manifest = read_manifest(a.model)
-    _check_top_k(a.top_k, manifest["model"]["vocab_size"])
+    vocab = manifest["model"]["vocab_size"]
+    _check_top_k(a.top_k, vocab)
     tok = load_tokenizer(a.model)
-    prompt = _prompt_ids(tok, a.prompt)
+    check(tok, Path(a.model))            # the prompt or the template: before the file is loaded
     runner = open_export(a.model, a.format, a.quant, a.threads)
-    eos = manifest["model"].get("eos_ids", [])
-    tokens = stream_ids(runner, prompt, a.max_new_tokens, eos, a.temperature, a.top_k, a.seed)
-    _echo_generation(tokens, tok, a.prompt, prompt, f"{runner.entry['format']} {runner.entry['quant']}")
+    return _Opened(RunnerLM(runner, vocab), tok, Path(a.model), manifest["model"].get("eos_ids", []),
+                   f"{runner.entry['format']} {runner.entry['quant']}")
+
+
+def _open_model(a: argparse.Namespace, check: Callable[[Any, Path], None]) -> _Opened:
+    """``MODEL_OR_EXPORT_DIR`` as ``generate`` and ``chat`` take it; ``check(tokenizer,
+    its folder)`` runs as soon as the tokenizer is there."""
+    if (Path(a.model) / "manifest.json").exists():
+        return _open_export(a, check)
+    import torch
+    from .conversion import convert
+    from .exporters import tokenizer_source
+    from .generation import TorchLM
+    from .tokenizer import load_tokenizer, resolve_source
+    beside = Path(a.model).expanduser()
+    if (beside / "tokenizer.json").exists():     # the tokenizer is known before the model is built
+        tok, folder = load_tokenizer(beside), beside
+        check(tok, folder)
+    model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
+    _check_top_k(a.top_k, model.args.vocab_size)
+    if not (beside / "tokenizer.json").exists():
+        src = resolve_source(tokenizer_source(a.model, model))
+        folder = src if src.is_dir() else src.parent
+        tok = load_tokenizer(folder)
+        check(tok, folder)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return _Opened(TorchLM(model), tok, folder, list(model.args.eos_ids), "PyTorch")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from .decoding import stream_tokens
+    from .sampling import Sampler
     _check_prompt(a.prompt)
-    if (Path(a.model) / "manifest.json").exists():
-        if a.adapter or a.no_adapter:
-            raise DiJiangError(f"{a.model} is an export folder, converted already; --adapter and "
-                               "--no-adapter apply when converting a source MODEL")
-        _generate_export(a)
-        return
-    import torch
-    from .conversion import convert
-    from .generation import stream
-    from .tokenizer import load_tokenizer, resolve_source
-    from .exporters import tokenizer_source
-    model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
-    _check_top_k(a.top_k, model.args.vocab_size)
-    src = resolve_source(tokenizer_source(a.model, model))
-    tok = load_tokenizer(src if src.is_dir() else src.parent)
-    ids = torch.tensor([_prompt_ids(tok, a.prompt)])
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    tokens = (int(t[0]) for t, _ in stream(model, ids, a.max_new_tokens, temperature=a.temperature,
-                                           top_k=a.top_k, top_p=a.top_p, seed=a.seed))
-    _echo_generation(tokens, tok, a.prompt, ids[0].tolist(), "PyTorch")
+    prompt: list[int] = []
+    m = _open_model(a, lambda tok, _: prompt.extend(_prompt_ids(tok, a.prompt)))
+    tokens = stream_tokens(m.lm, prompt, a.max_new_tokens, m.eos_ids, Sampler(_sampling(a), m.lm.vocab_size))
+    _echo_generation(tokens, m.tok, a.prompt, prompt, m.what, a.stop)
 
 
 def _split(s: str | None) -> list[str]:
@@ -342,6 +384,33 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(fn=cmd_bench)
 
 
+def _nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _add_decoding_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The sampling and runtime flags of ``generate`` and ``chat`` (one definition)."""
+    p.add_argument("--max-new-tokens", type=at_least(0), default=max_new_tokens,
+                   help=f"tokens per reply at most (default {max_new_tokens})")
+    p.add_argument("--temperature", type=number_in(0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=at_least(0, "0 = all tokens"), default=0,
+                   help="sample among the k likeliest tokens (0 = all; at most the vocabulary)")
+    p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=1.0,
+                   help="sample among the likeliest tokens whose probability reaches p (1 = all)")
+    p.add_argument("--repetition-penalty", type=number_in(0.0, low_open=True), default=1.0,
+                   help="push down tokens already seen (prompt and output): positive logits divided by "
+                        "it, negative multiplied (Hugging Face's meaning; 1 = off, 1.1-1.3 usual)")
+    p.add_argument("--stop", action="append", type=_nonempty, default=None, metavar="STRING",
+                   help="stop when the text contains STRING (not printed); repeatable")
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--threads", type=at_least(0, "0 = runtime default"), default=0,
+                   help="CPU threads (0 = runtime default)")
+    p.add_argument("--format", default=None, help="for export folders: onnx or pte (needed where it has both)")
+    p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (needed where it has both)")
+
+
 # -- parser -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,16 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a model or an exported folder")
     p.add_argument("model", help=MODEL_HELP + ", or an export folder (with manifest.json)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=at_least(0), default=48)
-    p.add_argument("--temperature", type=number_in(0.0), default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=at_least(0, "0 = all tokens"), default=0,
-                   help="sample among the k likeliest tokens (0 = all; at most the vocabulary)")
-    p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=1.0)
-    p.add_argument("--seed", type=at_least(0), default=0)
-    p.add_argument("--threads", type=at_least(0, "0 = runtime default"), default=0,
-                   help="CPU threads (0 = runtime default)")
-    p.add_argument("--format", default=None, help="for export folders: onnx or pte (needed where it has both)")
-    p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (needed where it has both)")
+    _add_decoding_options(p, max_new_tokens=48)
     _add_convert_options(p)
     _add_adapter_options(p)
     p.set_defaults(fn=cmd_generate)

@@ -76,3 +76,43 @@ def _common_prefix(a: str, b: str) -> int:
             break
         n += 1
     return n
+
+
+class StopStrings:
+    """``push(text) -> (printable text, stopped)`` over a stream of text pieces: stop at
+    the first occurrence of any stop string, which is not printed.  The tail that could
+    still be the start of a stop string is held back until the next piece settles it,
+    so a stop string split over tokens is caught and none of it is printed; the work
+    per piece is bounded by the stop strings' lengths, not the output's."""
+
+    def __init__(self, stops: list[str] | None = None):
+        self.stops = [s for s in stops or [] if s]
+        self.held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        if self.stopped:
+            return "", True
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held, self.stopped = self.held[:min(hits)], "", True
+            return out, True
+        keep = self._open_tail()
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        """The held-back tail at the end of the output (it never became a stop string)."""
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+    def _open_tail(self) -> int:
+        """Length of the longest end of ``held`` that is the start of a stop string."""
+        for n in range(min(len(self.held), max(map(len, self.stops)) - 1), 0, -1):
+            tail = self.held[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0

@@ -1,34 +1,20 @@
 """Greedy and sampled generation in PyTorch, built on the recurrent form:
-one prefill call (chunked), then one token per call with O(1) work and memory."""
+one prefill call (chunked), then one token per call with O(1) work and memory.
+Tokens are chosen by ``sampling.Sampler``, the sampler of the exported-file paths too."""
 
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from .errors import DiJiangError
 from .model import DiJiangForCausalLM, RecurrentState
 from .runtime import PREFILL_PIECE     # one piece size for both paths (the runtime is torch-free)
+from .sampling import Sampler, Sampling
 
 Tensor = torch.Tensor
-
-
-def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Next token ``[B]`` from last-position logits ``[B, V]``; ``temperature == 0`` is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p
-        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[..., 0]
 
 
 @torch.no_grad()
@@ -52,17 +38,40 @@ def prefill_last(model: DiJiangForCausalLM, input_ids: Tensor, state: RecurrentS
 def stream(model: DiJiangForCausalLM, input_ids: Tensor, max_new_tokens: int = 32,
            state: RecurrentState | None = None, eos_ids: list[int] | None = None,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-           ) -> Iterator[tuple[Tensor, RecurrentState]]:
-    """Yield ``(next_tokens [B], state)`` one step at a time (batch of one stops at EOS)."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+           repetition_penalty: float = 1.0) -> Iterator[tuple[Tensor, RecurrentState]]:
+    """Yield ``(next_tokens [B], state)`` one step at a time (batch of one stops at EOS);
+    one ``Sampler`` per row, sharing one seeded generator."""
+    settings = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    rng = np.random.default_rng(seed)
+    samplers = [Sampler(settings, model.args.vocab_size, rng) for _ in range(input_ids.shape[0])]
+    for s, row in zip(samplers, input_ids.tolist()):
+        s.observe(row)
     eos = set(model.args.eos_ids if eos_ids is None else eos_ids)
     logits, state = prefill_last(model, input_ids, state)
     for _ in range(max_new_tokens):
-        tok = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+        last = logits[:, -1].float().numpy()
+        tok = torch.tensor([s(row) for s, row in zip(samplers, last)], dtype=torch.long)
+        for s, t in zip(samplers, tok.tolist()):
+            s.observe([t])
         yield tok, state
         if tok.shape[0] == 1 and int(tok) in eos:
             return
         logits, state = model(tok[:, None], state)
+
+
+class TorchLM:
+    """The PyTorch model as a ``decoding.LM``: one sequence, its state kept here."""
+
+    def __init__(self, model: DiJiangForCausalLM):
+        self.model, self.state = model, None
+        self.vocab_size = model.args.vocab_size
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        logits, self.state = prefill_last(self.model, torch.tensor([ids], dtype=torch.long), self.state)
+        return logits[0, -1].float().numpy()
+
+    def reset(self) -> None:
+        self.state = None
 
 
 def generate(model: DiJiangForCausalLM, input_ids: Tensor, max_new_tokens: int = 32,

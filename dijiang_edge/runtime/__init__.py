@@ -32,7 +32,7 @@ class Runner(Protocol):
     def forward(self, ids: np.ndarray) -> np.ndarray: ...
 
 
-PREFILL_PIECE = 512     # prompt tokens per prefill call of ``stream_ids``: bounds the logits held
+PREFILL_PIECE = 512     # prompt tokens per prefill call (``decoding``): bounds the logits held
 
 
 def input_ids(ids: np.ndarray, vocab_size: int | None = None) -> np.ndarray:
@@ -76,33 +76,12 @@ def open_entry(folder: str | Path, entry: M.FileEntry, manifest: M.Manifest, thr
     return mod.open(Path(folder), entry, manifest, threads)
 
 
-def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """Greedy (``temperature == 0``) or temperature/top-k sampling from ``[V]`` logits."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if 0 < top_k < len(z):
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
-    return int(rng.choice(len(p), p=p / p.sum()))
-
-
 def stream_ids(runner: Runner, prompt: list[int], max_new_tokens: int, eos_ids: list[int],
-               temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Iterator[int]:
-    """Prefill ``prompt``, then decode one token per call.  The prompt goes in pieces
-    of ``PREFILL_PIECE`` tokens and only the last position's logits are kept, so memory
-    does not grow with the prompt (a runner returns every position's logits)."""
-    if not prompt:
-        raise DiJiangError("the prompt is empty (no tokens); give some text")
-    rng = np.random.default_rng(seed)
-    ids = np.asarray([prompt], dtype=np.int64)
-    for i in range(0, ids.shape[1], PREFILL_PIECE):
-        logits = runner.forward(ids[:, i:i + PREFILL_PIECE])[0, -1].copy()
-    for _ in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, rng)
-        yield tok
-        if tok in eos_ids:
-            return
-        logits = runner.forward(np.asarray([[tok]], dtype=np.int64))[0, -1]
-
+               sampling=None) -> Iterator[int]:
+    """Prefill ``prompt``, then decode one token per call (``decoding.stream_tokens``
+    over this runner; ``sampling``: a ``sampling.Sampling``, default greedy)."""
+    from ..decoding import RunnerLM, stream_tokens
+    from ..sampling import Sampler, Sampling
+    vocab = getattr(runner, "vocab_size", None) or vocab_of(runner.entry)
+    sampler = Sampler(sampling or Sampling(), vocab)
+    return stream_tokens(RunnerLM(runner, vocab), prompt, max_new_tokens, eos_ids, sampler)
