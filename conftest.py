@@ -117,13 +117,14 @@ WORD_CHAT_TEMPLATE = (
 
 def chat_hf(seed: int = 0, scale: float = 3.0):
     """``tiny_hf("smollm2")`` with its weights scaled up (a plain random init repeats one
-    token) and its EOS row of the tied embedding zeroed, so EOS logits are exactly 0 and a
-    greedy reply never ends early: every turn runs its full length."""
+    token) and the rows of EOS (``w2``) and of id 0 (both ``w0`` and ``[UNK]``, so its text
+    does not read back as the same id) in the tied embedding zeroed: their logits are
+    exactly 0, a greedy reply never ends early and every turn runs its full length."""
     model = tiny_hf("smollm2", seed)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(scale)
-        model.get_input_embeddings().weight[2] = 0
+        model.get_input_embeddings().weight[[0, 2]] = 0
     return model
 
 
@@ -139,3 +140,69 @@ def chat_src(tmp_path_factory):
         {"chat_template": WORD_CHAT_TEMPLATE, "bos_token": "w1", "eos_token": "w2"}))
     return src
 
+
+# -- chat: a conversation and the checks that its state was carried (tests/test_chat.py,
+# runtime_tests/test_chat_exports.py) ------------------------------------------------------
+
+TURNS = ["w10 w11 w12", "w13 w14", "w15 w16 w17 w18"]
+MAX_NEW = 8
+
+
+def chat_session(lm, folder, **kw):
+    """A greedy ``ChatSession`` over ``lm`` with the tokenizer and template of ``folder``."""
+    from dijiang_edge.chat import ChatSession
+    from dijiang_edge.chat_template import load_chat_template
+    from dijiang_edge.sampling import Sampling
+    from dijiang_edge.tokenizer import load_tokenizer
+    tok, template = load_tokenizer(folder), load_chat_template(folder)
+    return ChatSession(lm, tok, template, kw.pop("sampling", Sampling()), kw.pop("eos", [2]),
+                       kw.pop("max_new", MAX_NEW), **kw)
+
+
+class Counting:
+    """An ``LM`` that records every id it is fed, call by call."""
+
+    def __init__(self, lm):
+        self.lm, self.vocab_size, self.calls, self.resets = lm, lm.vocab_size, [], 0
+
+    def feed(self, ids):
+        self.calls.append(list(ids))
+        return self.lm.feed(ids)
+
+    def reset(self):
+        self.resets += 1
+        self.lm.reset()
+
+
+def conversation(session, lm: Counting, turns=TURNS) -> list[list[int]]:
+    """Run ``turns``; the ids of each turn's prefill call (the first call of the turn)."""
+    prefills = []
+    for t in turns:
+        n = len(lm.calls)
+        "".join(session.send(t))
+        prefills.append(lm.calls[n])
+    return prefills
+
+
+def rendered_ids(session, upto: int) -> list[int]:
+    """The tokens of the conversation's first ``upto`` turns rendered in one piece,
+    ending with the assistant's header of turn ``upto``."""
+    msgs = session.messages[:2 * upto - 1 + (session.system is not None)]
+    return session.tok.encode(session.template.render(msgs, True), add_special_tokens=False).ids
+
+
+def check_state_carried(session, lm: Counting, prefills: list[list[int]], greedy) -> None:
+    """Fed once, in order: the ids fed by the end equal the rendered conversation
+    (minus the owed last token); each prefill holds only its turn's new tokens; and a
+    fresh single prefill of the whole history + greedy gives each turn's reply."""
+    turns = session.turns
+    fed = [i for call in lm.calls for i in call]
+    whole = rendered_ids(session, len(turns)) + turns[-1].reply
+    assert fed == whole[:-1]
+    for k in range(1, len(turns)):
+        before = len(rendered_ids(session, k)) + len(turns[k - 1].reply) - 1
+        assert prefills[k] == rendered_ids(session, k + 1)[before:]   # only turn k+1's tokens
+        assert len(prefills[k]) < before                                # less than the history
+    for k, turn in enumerate(turns):
+        assert len(turn.reply) == MAX_NEW
+        assert greedy(rendered_ids(session, k + 1)) == turn.reply, f"turn {k + 1}"

@@ -213,6 +213,23 @@ def cmd_generate(a: argparse.Namespace) -> None:
     _echo_generation(tokens, m.tok, a.prompt, prompt, m.what, a.stop)
 
 
+def cmd_chat(a: argparse.Namespace) -> None:
+    from .chat import ChatSession, repl
+    from .chat_template import load_chat_template
+    if a.system is not None:
+        _check_utf8(a.system, "--system")
+    templates = []
+    m = _open_model(a, lambda tok, folder: templates.append(load_chat_template(folder, a.chat_template)))
+    template = templates[0]
+    eos = set(m.eos_ids)
+    end = m.tok.token_to_id(template.eos_token) if template.eos_token else None
+    if end is not None:                  # the template's end of turn ends a reply too
+        eos.add(end)
+    session = ChatSession(m.lm, m.tok, template, _sampling(a), sorted(eos), a.max_new_tokens,
+                          a.system, a.stop)
+    repl(session, m.what)
+
+
 def _split(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
@@ -437,6 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_options(p)
     _add_adapter_options(p)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model or an exported folder: its chat template, the state "
+                       "kept between turns (each turn feeds only its new tokens); turns from stdin")
+    p.add_argument("model", help=MODEL_HELP + ", or an export folder (with manifest.json)")
+    p.add_argument("--system", default=None, help="a system prompt (default: the template's own, if any)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of the tokenizer's")
+    _add_decoding_options(p, max_new_tokens=256)
+    _add_convert_options(p)
+    _add_adapter_options(p)
+    p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("export", help="convert and export to ONNX and/or ExecuTorch, with parity checks")
     p.add_argument("model", help=MODEL_HELP)

@@ -132,6 +132,13 @@ def _gen_torch(*flags) -> Setup:
     return lambda case, s: ["generate", str(s["src"]), "--no-adapter", "--prompt", "w1", *flags]
 
 
+def _chat_template(text: str) -> Setup:
+    def setup(case: Path, s: dict) -> list:
+        (case / "t.jinja").write_text(text)
+        return ["chat", str(s["exp"]), "--chat-template", "t.jinja"]
+    return setup
+
+
 def _bench(*flags) -> Setup:
     return lambda case, s: ["bench", str(s["exp"]), "--no-baseline", "--out", "rep", *flags]
 
@@ -186,6 +193,16 @@ CASES: dict[str, tuple[Setup, str]] = {     # name -> (setup, a word the one lin
     "generate-top-p-zero": (_gen("--top-p", "0"), "--top-p"),
     "generate-threads-negative": (_gen("--threads", "-1"), "--threads"),
     "generate-max-new-tokens-negative": (_gen("--max-new-tokens", "-3"), "--max-new-tokens"),
+    "generate-repetition-penalty-zero": (_gen("--repetition-penalty", "0"), "--repetition-penalty"),
+    "generate-stop-empty": (_gen("--stop", ""), "--stop"),
+    # chat: the template is found (or not) before the model is loaded
+    "chat-no-template-export": (lambda case, s: ["chat", str(s["exp"])], "no chat template"),
+    "chat-no-template-torch": (lambda case, s: ["chat", str(s["src"]), "--no-adapter"], "no chat template"),
+    "chat-template-file-missing": (lambda case, s: ["chat", str(s["exp"]), "--chat-template", "nope.jinja"],
+                                   "--chat-template"),
+    "chat-template-not-jinja": (_chat_template("{% for %}"), "not valid Jinja"),
+    "chat-non-utf8-system": (lambda case, s: ["chat", str(s["exp"]), "--system", b"\xff"], "--system"),
+    "chat-top-k-over-vocab": (lambda case, s: ["chat", str(s["exp"]), "--top-k", "1000"], "--top-k"),
     "check-threads-negative": (lambda case, s: ["check", str(s["exp"]), "--threads", "-1"], "--threads"),
     "check-tokens-zero": (lambda case, s: ["check", str(s["exp"]), "--tokens", "0"], "--tokens"),
     # bench flags

@@ -1,6 +1,6 @@
 """The one sampler (``dijiang_edge.sampling``) against Hugging Face's meaning of each knob,
 and ``generate``'s ``--top-p``, ``--repetition-penalty`` and ``--stop`` on the PyTorch path
-(the exported-folder path: runtime_tests/test_chat_onnx.py)."""
+(the exported-folder path: runtime_tests/test_chat_exports.py)."""
 
 from __future__ import annotations
 
