@@ -7,6 +7,8 @@ this project's runner keeps working on the files beside it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 import dijiang_edge
 from dijiang_edge import manifest as M
 from dijiang_edge.bars import BARS
+from dijiang_edge.cli import main
 from dijiang_edge.errors import DiJiangError
 from dijiang_edge.exporters import export, genai
 from dijiang_edge.runtime import open_export
@@ -47,11 +50,19 @@ def llama_src(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=list(FORMS))
 def exported(request, llama_src, tmp_path_factory):
-    """(form, export folder, PyTorch model): fp32 + int8, the parity checks run at export."""
-    out = tmp_path_factory.mktemp("exp") / request.param
-    export(str(llama_src), out, ["onnx"], ["fp32", "int8"], convert_options=FORMS[request.param],
-           parity_tokens=96, threads=1)
-    return request.param, out, dijiang_edge.convert(str(llama_src), **FORMS[request.param]).eval()
+    """(form, export folder, PyTorch model, what the command printed): fp32 + int8, the
+    parity checks run at export; the window form through the command line."""
+    form, out = request.param, tmp_path_factory.mktemp("exp") / request.param
+    printed = io.StringIO()
+    if form == "window":
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in FORMS[form].items()]
+        with contextlib.redirect_stdout(printed):
+            assert main(["export", str(llama_src), "--out", str(out), "--formats", "onnx", "--quant", "fp32,int8",
+                         "--parity-tokens", "96", *flags]) == 0
+    else:
+        export(str(llama_src), out, ["onnx"], ["fp32", "int8"], convert_options=FORMS[form],
+               parity_tokens=96, threads=1)
+    return form, out, dijiang_edge.convert(str(llama_src), **FORMS[form]).eval(), printed.getvalue()
 
 
 def torch_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -82,7 +93,7 @@ def genai_greedy(folder: Path, prompt: list[int], n: int, graph: str | None = No
 
 @pytest.mark.parametrize("chunk", [None, 6], ids=["one-call-prefill", "chunked-prefill"])
 def test_generator_gives_pytorch_greedy_tokens(exported, chunk):
-    form, out, model = exported
+    form, out, model, _ = exported
     want = torch_greedy(model, PROMPT, NEW)
     assert len(want) == NEW and len(set(want)) > NEW // 2, want     # a continuation that can tell states apart
     assert genai_greedy(out / "onnx", PROMPT, NEW, chunk=chunk) == want
@@ -90,7 +101,7 @@ def test_generator_gives_pytorch_greedy_tokens(exported, chunk):
 
 def test_int8_graph_matches_project_runner(exported):
     """Same weights, same graph: genai and this project's runner pick the same tokens."""
-    form, out, model = exported
+    form, out, model, _ = exported
     runner = open_export(out, "onnx", "int8", threads=1)
     lg = runner.forward(np.array([PROMPT]))[0, -1]
     mine = []
@@ -103,7 +114,7 @@ def test_int8_graph_matches_project_runner(exported):
 def test_export_time_parity_of_genai_graphs(exported):
     """The figures ``export`` measured through genai: fp32 at the bar, and equal to the
     figures of the ONNX file each genai graph was made from (one graph, two names)."""
-    form, out, model = exported
+    form, out, model, _ = exported
     m = M.read(out)
     graphs = m["genai"]["graphs"]
     assert set(graphs) == {"fp32", "int8"}
@@ -118,7 +129,7 @@ def test_export_time_parity_of_genai_graphs(exported):
 
 
 def test_folder_layout_and_config(exported):
-    form, out, model = exported
+    form, out, model, _ = exported
     m = M.read(out)
     rec = m["genai"]
     folder = out / rec["folder"]
@@ -146,10 +157,18 @@ def test_folder_layout_and_config(exported):
                                                        for k in ("conv_state", "recurrent_state")}
 
 
+def test_command_line_names_the_folder(exported):
+    form, out, model, printed = exported
+    if form != "window":
+        pytest.skip("the pure form is exported through the Python API")
+    assert f"onnxruntime-genai folder: {out}/onnx (genai_config.json runs fp32)" in printed
+    assert "onnx/genai_int8.onnx" in printed
+
+
 def test_project_runner_keeps_its_names(exported):
     """onnx.py's files are untouched: the runner's default file still takes ``start_pos``
     and ``past_recurrent.{i}`` and matches PyTorch."""
-    form, out, model = exported
+    form, out, model, _ = exported
     runner = open_export(out, "onnx", "fp32", threads=1)
     assert runner.entry["path"] == "onnx/native.onnx"
     got = runner.forward(np.array([PROMPT]))
@@ -159,7 +178,7 @@ def test_project_runner_keeps_its_names(exported):
 
 
 def test_check_without_genai_says_so(exported, monkeypatch):
-    form, out, model = exported
+    form, out, model, _ = exported
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)        # import fails as when not installed
     record = {"graphs": {}}
     genai.check(model, out, record, tokens=64)
@@ -168,7 +187,7 @@ def test_check_without_genai_says_so(exported, monkeypatch):
 
 def test_not_a_dijiang_graph_is_refused(exported):
     from onnx import helper, TensorProto
-    form, out, model = exported
+    form, out, model, _ = exported
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     other = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))

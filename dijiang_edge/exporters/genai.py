@@ -35,6 +35,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import onnx
+from onnx import TensorProto, helper
+
 from .. import manifest as M
 from ..errors import DiJiangError
 from ..tokenizer import FILES as TOKENIZER_FILES
@@ -59,22 +62,17 @@ def _rename(g, old: str, new: str) -> None:
 
 
 def _const(g, name: str, values: list[int]) -> str:
-    from onnx import helper, TensorProto
     g.initializer.append(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
     return name
 
 
-def _drop(items, name: str):
-    """Remove the value info called ``name`` from ``items`` (graph inputs or outputs); return it."""
-    i = next(i for i, v in enumerate(items) if v.name == name)
-    vi = items[i]
-    del items[i]
-    return vi
+def _drop(items, name: str) -> None:
+    """Remove the value info called ``name`` from ``items`` (graph inputs or outputs)."""
+    del items[next(i for i, v in enumerate(items) if v.name == name)]
 
 
 def _positions(g) -> list:
     """``start_pos [1]`` from ``position_ids [B, T]`` (its first entry): nodes to put first."""
-    from onnx import helper, TensorProto
     _drop(g.input, "start_pos")
     g.input.insert(1, helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
     return [helper.make_node("Slice", ["position_ids", _const(g, "genai.zero2", [0, 0]), _const(g, "genai.one2", [1, 1])],
@@ -86,7 +84,6 @@ def _positions(g) -> list:
 def _ring(g, i: int, kv: int, window: int, d: int) -> tuple[list, list]:
     """Layer ``i``'s ring of keys and values as one ``conv_state`` in and out: the nodes
     that unpack it (before the graph's) and pack it (after)."""
-    from onnx import helper, TensorProto
     past, present = PAST_CONV % i, PRESENT_CONV % i
     k_in, v_in, k_out, v_out = (f"{p}_window_{s}.{i}" for p in ("past", "present") for s in ("key", "value"))
     for name in (k_in, v_in):
@@ -105,7 +102,6 @@ def _ring(g, i: int, kv: int, window: int, d: int) -> tuple[list, list]:
 
 def _unused_conv(g, i: int) -> tuple[list, list]:
     """The pure form has no ring: a one-float ``conv_state`` genai binds and the graph passes on."""
-    from onnx import helper, TensorProto
     g.input.append(helper.make_tensor_value_info(PAST_CONV % i, TensorProto.FLOAT, ["batch", 1, 1]))
     g.output.append(helper.make_tensor_value_info(PRESENT_CONV % i, TensorProto.FLOAT, ["batch", 1, 1]))
     return [], [helper.make_node("Identity", [PAST_CONV % i], [PRESENT_CONV % i], name=f"genai.conv.{i}")]
@@ -126,7 +122,6 @@ def _static_shape(vi, dims: list) -> None:
 def genai_graph(mp, facts: M.ModelFacts, window: int):
     """A copy of ``mp`` (an ``onnx.py`` graph that takes ``seq >= 1``: ``native`` or
     ``block``) with genai's inputs and outputs; the weights (external data) untouched."""
-    import onnx
     g = onnx.ModelProto()
     g.CopyFrom(mp)
     graph = g.graph
@@ -215,7 +210,6 @@ def source_entry(files: list[M.FileEntry], quant: str) -> M.FileEntry | None:
 
 def write_graph(out: Path, entry: M.FileEntry, model_args: Any) -> dict:
     """``onnx/genai[_q].onnx`` from ``entry``'s graph; its record for the manifest."""
-    import onnx
     mp = onnx.load(str(out / entry.path), load_external_data=False)
     path = graph_name(entry.quant)
     onnx.save(genai_graph(mp, M.ModelFacts.of(model_args), model_args.window), str(out / path))
