@@ -264,6 +264,10 @@ def cmd_export(a: argparse.Namespace) -> None:
                target=target, adapter=_adapter(a), **opts)
     for f in m["files"]:
         print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} {f.get('role', ''):<8} {f.get('parity', {})}")
+    for q, g in ((m.get("genai") or {}).get("graphs") or {}).items():
+        print(f"{g['path']:<32} genai {q:<6} {'both':<8} {g.get('parity', m['genai'].get('parity_skipped', {}))}")
+    if m.get("genai"):
+        print(f"onnxruntime-genai folder: {a.out}/{m['genai']['folder']} (genai_config.json runs {m['genai']['quant']})")
     ad = m.get("adapter") or {}
     print(f"wrote {a.out}/manifest.json" + (f" (target {prof.name}: {prof.description})" if prof else "")
           + (f", adapter {ad['file']}" if ad.get("applied") else ", no adapter"))

@@ -315,6 +315,18 @@ def _model_path(model_src: str | Path) -> str:
     return str(p.resolve()) if p.exists() else str(model_src)
 
 
+def _genai(model, out: Path, files: list[M.FileEntry], target: dict | None, onnx_opts: dict[str, Any],
+           memo: Memo) -> dict | None:
+    """The onnxruntime-genai layout of the ONNX files (``genai.py``), checked at export as
+    they were (same text and token count; skipped, and said so, without onnxruntime-genai)."""
+    from . import genai
+    record = genai.export(out, model.args, files, target)
+    tokens = onnx_opts.get("parity_tokens", PARITY_TOKENS)
+    if record and tokens:
+        genai.check(model, out, record, tokens, onnx_opts.get("threads", 0), onnx_opts["parity_text"], memo)
+    return record
+
+
 def export(model_src: str, out: str | Path, formats: list[str], quants: list[str],
            force: bool = False, convert_options: dict | None = None, target: dict | None = None,
            parity_text: str = PARITY_TEXT, calibration_text: str = CALIBRATION_TEXT,
@@ -345,6 +357,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
         for fmt, fn in exporters.items():
             for q in quants:
                 files += fn(model, tmp, quant=q, memo=memo, **routed[fmt])
+        genai_record = _genai(model, tmp, files, target, routed["onnx"], memo) if "onnx" in exporters else None
         calibrated = any(f.get("int8_outliers") for f in files)
         manifest = M.Manifest(
             created=M.now(), source=model.args.source, model=M.ModelFacts.of(model.args), files=files,
@@ -353,6 +366,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
             state_shape=list(model.state_shape(1)), tokenizer="tokenizer.json", target=target or None,
             adapter=applied(model),
             texts=M.Texts(parity=parity_text if any(f.parity for f in files) else None,
-                          calibration=calibration_text if calibrated else None))
+                          calibration=calibration_text if calibrated else None),
+            extras={"genai": genai_record} if genai_record else {})
         M.write(tmp, manifest)
     return manifest

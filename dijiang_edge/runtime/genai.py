@@ -1,0 +1,76 @@
+"""An export's onnxruntime-genai folder (``onnx/``, see ``exporters/genai.py``) driven
+as a ``runtime.Runner``: ``forward(ids) -> logits`` through genai's own ``Generator``
+(``append_tokens``, then the decoder's ``logits`` output), so the parity functions that
+check this project's runners check the genai layout too.  Needs ``onnxruntime-genai``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DiJiangError
+from . import input_ids
+
+
+def _og():
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise DiJiangError("running the onnxruntime-genai folder needs onnxruntime-genai: "
+                           "`pip install onnxruntime-genai`") from None
+    return og
+
+
+class GenaiRunner:
+    """One sequence of batch 1 through ``onnxruntime_genai.Generator``.
+
+    ``graph``: the decoder file of the folder to run (default: the one
+    ``genai_config.json`` names), chosen with genai's own ``Config.overlay``;
+    ``max_length``: tokens the sequence may reach (default: the config's)."""
+
+    def __init__(self, folder: str | Path, graph: str | None = None, max_length: int | None = None,
+                 threads: int = 0):
+        og = _og()
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / "genai_config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DiJiangError(f"{folder} is not an onnxruntime-genai folder ({e}); re-export it") from None
+        self.chunk = int(config["search"].get("chunk_size") or 1 << 30)
+        self.vocab_size = int(config["model"]["vocab_size"])
+        overlay: dict = {"model": {"decoder": {}}}
+        if max_length and max_length > int(config["model"]["context_length"]):
+            overlay["model"]["context_length"] = max_length        # genai caps max_length by it
+        if graph:
+            overlay["model"]["decoder"]["filename"] = graph
+        if threads:
+            overlay["model"]["decoder"]["session_options"] = {"intra_op_num_threads": threads}
+        cfg = og.Config(str(folder))
+        cfg.overlay(json.dumps(overlay))
+        try:
+            self.model = og.Model(cfg)
+        except Exception as e:
+            raise DiJiangError(f"onnxruntime-genai could not load {folder} ({str(e)[:200]}); re-export it") from None
+        self.params = og.GeneratorParams(self.model)
+        self.params.set_search_options(max_length=max_length or int(config["search"]["max_length"]))
+        self.generator = og.Generator(self.model, self.params)
+
+    def reset(self) -> None:
+        """Start a new sequence: genai zeroes the recurrent state (``rewind_to(0)``)."""
+        self.generator.rewind_to(0)
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """Logits ``[1, T, V]`` of ``ids [1, T]``, the state carried from the last call.
+        Calls of at most the config's ``chunk_size`` tokens: genai keeps the logits of
+        its last chunk only."""
+        ids = input_ids(ids, self.vocab_size)
+        if ids.shape[0] != 1:
+            raise DiJiangError(f"the genai runner takes one sequence (batch 1), got a batch of {ids.shape[0]}")
+        parts = []
+        for i in range(0, ids.shape[1], self.chunk):
+            self.generator.append_tokens(ids[0, i:i + self.chunk].astype(np.int32))
+            parts.append(np.array(self.generator.get_output("logits"), np.float32))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
