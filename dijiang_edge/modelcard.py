@@ -172,7 +172,9 @@ def _adaptation(ad: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
         from .adapt.report import PPL_COLUMNS, by_text, ppl_table
         ppl = report["perplexity"]
         last = next((k for k, _ in reversed(PPL_COLUMNS) if k in ppl), "converted")
-        lines += ["", "Held-out perplexity, measured by the adaptation run:", "",
+        start = (" (\"converted\" is where this run started: the previous adapter's model)"
+                 if "--init-adapter" in str(report.get("command") or "") else "")
+        lines += ["", f"Held-out perplexity, measured by the adaptation run{start}:", "",
                   *ppl_table(by_text(ppl), (report.get("tokens") or {}).get("heldout") or {}, PPL_COLUMNS,
                              (last, "original"))]
     return lines + [""]
