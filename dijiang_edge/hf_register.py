@@ -17,8 +17,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
+from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Sequence
 
 CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 MODEL_MODULE = "transformers.models.auto.modeling_auto"
@@ -55,7 +56,8 @@ class AfterImport:
     def __init__(self, hooks: dict[str, Callable[[ModuleType], None]]):
         self.hooks = dict(hooks)
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(self, name: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
         if name not in self.hooks:
             return None
         for finder in sys.meta_path:
