@@ -8,12 +8,17 @@ Public API::
     ids, state = dijiang_edge.generate(model, input_ids, max_new_tokens=32)
     model.save_pretrained("out"); dijiang_edge.load("out")
 
+    from transformers import AutoModelForCausalLM      # a converted folder, as transformers sees it
+    hf = AutoModelForCausalLM.from_pretrained("out")    # DiJiangHFForCausalLM: generate(), pipeline()
+
 Names are imported lazily so that ``dijiang_edge.runtime`` (onnxruntime + numpy)
-works on a device without torch.
+works on a device without torch; the ``dijiang`` model type is registered with
+transformers' Auto classes when transformers loads them (``hf_register.py``).
 """
 
 from importlib import import_module
 
+from . import hf_register as _hf_register
 from .errors import DiJiangError
 
 __version__ = "0.1.0"
@@ -22,7 +27,10 @@ _LAZY = {
     "convert": "conversion", "SUPPORTED": "conversion",
     "generate": "generation", "stream": "generation",
     "DiJiangForCausalLM": "model", "ModelArgs": "model", "RecurrentState": "model",
+    "DiJiangConfig": "hf_config", "DiJiangHFForCausalLM": "hf_model",
 }
+
+_hf_register.install()
 
 
 def load(path):
@@ -42,4 +50,5 @@ def __getattr__(name):
 
 
 __all__ = ["convert", "load", "generate", "stream", "DiJiangForCausalLM", "ModelArgs",
-           "RecurrentState", "DiJiangError", "SUPPORTED", "__version__"]
+           "RecurrentState", "DiJiangConfig", "DiJiangHFForCausalLM", "DiJiangError", "SUPPORTED",
+           "__version__"]

@@ -80,12 +80,14 @@ def cmd_convert(a: argparse.Namespace) -> None:
     check_out(a.out, a.force)                # before torch loads: a refused --out costs no time
     from .adapter import applied
     from .conversion import convert
+    from .modelcard import write_card
     from .tokenizer import save_tokenizer
     model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
+    st = model.init_state(1)
     with staged_dir(a.out, a.force) as tmp:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer_source(a.model, model), tmp)
-    st = model.init_state(1)
+        write_card(tmp, params=model.num_params(), state_bytes=st.nbytes())
     ad = applied(model)
     print(f"converted {model.args.source.get('name', a.model)} -> {a.out} "
           f"({model.num_params() / 1e6:.1f}M params, variant {model.args.variant}, window {model.args.window}, "

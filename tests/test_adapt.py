@@ -95,10 +95,17 @@ def test_finetune_lowers_loss_and_output_loads(tiny, mode, lr):
     assert r["perplexity"]["after_finetune"]["tail"] < r["perplexity"]["converted"]["tail"]
     model = DiJiangForCausalLM.from_pretrained(tiny / out)          # what `dijiang-export export` reads
     assert not any("parametrizations" in k for k in model.state_dict())
-    for f in ("tokenizer.json", "report.json", "report.md", "loss_curve.png", "config.json"):
+    for f in ("tokenizer.json", "report.json", "report.md", "loss_curve.png", "config.json", "README.md"):
         assert (tiny / out / f).exists(), f
     assert (tiny / out / "adapter.safetensors").exists() == (mode == "lora")     # full: every weight changed
     assert (r["adapter"]["file"] is None) == (mode == "full")
+    figure = f"{r['perplexity']['after_finetune']['tail']:,.2f}"       # the run's own figure, on its card
+    assert figure in (tiny / out / "README.md").read_text()
+    if mode == "lora":      # a conversion with the adapter carries the figures the adapter recorded
+        assert cli_main(["convert", str(tiny / "model"), "--adapter", str(tiny / out / "adapter.safetensors"),
+                         "--out", str(tiny / f"{out}-converted")]) == 0
+        card = (tiny / f"{out}-converted" / "README.md").read_text()
+        assert "Adapter `adapter.safetensors` applied and merged" in card and figure in card
 
 
 def test_kill_and_resume_gives_the_same_final_loss(tiny):

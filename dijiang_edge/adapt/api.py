@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import DiJiangError
+from ..modelcard import write_card
 from .checkpoint import Checkpointer, set_rng_state
 from .config import AdaptConfig
 from .data import TAIL, BatchOrder, Blocks, heldout_sets, load_corpus, load_heldout, split_blocks, tokenize
@@ -291,6 +292,7 @@ class Adaptation:
                 for f in Path(self.tok_dir).iterdir():
                     shutil.copy2(f, tmp / f.name)
                 write_report(tmp, report)
+                write_card(tmp, params=self.student.num_params(), state_bytes=self.student.init_state(1).nbytes())
             if not self.keep_checkpoint:
                 self.ckpt.remove()
         self.acc.wait_for_everyone()

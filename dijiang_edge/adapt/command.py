@@ -94,7 +94,7 @@ def run(a: argparse.Namespace) -> None:
     for text, ppl in by_text(r["perplexity"]).items():
         print(f"held-out perplexity on {text}: " + ", ".join(f"{k} {v:,.2f}" for k, v in ppl.items()))
     ad = "adapter.safetensors, " if (r.get("adapter") or {}).get("file") else ""
-    print(f"wrote {a.out} (model, {ad}tokenizer.json, report.json, report.md, loss_curve.png)")
+    print(f"wrote {a.out} (model, {ad}tokenizer.json, report.json, report.md, loss_curve.png, README.md model card)")
 
 
 def add_evaluate_parser(sub: argparse._SubParsersAction, model_help: str) -> None:
