@@ -9,6 +9,7 @@ that stderr is one line, and that nothing outside ``--out`` changed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -104,6 +105,100 @@ def test_convert_refuses_out_it_may_not_replace(work, tiny_src, cwd, out, flags,
     assert r.returncode == 2, r.stderr
     assert says in one_line(r.stderr)
     assert listing(work / keep) == before                 # no partial folder, no lock file, nothing gone
+
+
+# -- a read-only parent, a full disk: one line, nothing kept --------------------------
+
+def test_read_only_parent_is_refused_before_any_work(work, tiny_src):
+    """A folder without write permission (chmod 0555): refused up front. Root may write
+    there anyway (os.access says so), then the case cannot be made and is skipped."""
+    ro = work / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: chmod 0555 does not stop writes")
+        before = listing(work)
+        r = cli("convert", str(tiny_src), "--out", "ro/o", cwd=work)
+        assert r.returncode == 2, r.stderr
+        assert "is not writable" in one_line(r.stderr)
+        assert listing(work) == before
+    finally:
+        ro.chmod(0o755)
+
+
+def test_read_only_mount_is_refused_before_the_model_loads(work, tiny_src, monkeypatch, capsys):
+    """In process, as root too: ``os.access`` says what a read-only mount says (EROFS);
+    the refusal comes from ``check_out``, before any conversion."""
+    import dijiang_edge.conversion
+    from dijiang_edge.cli import main
+    from dijiang_edge.exporters import write_errors
+    ro, real = work / "mine", os.access
+    monkeypatch.setattr(write_errors.os, "access", lambda p, mode: Path(p) != ro and real(p, mode))
+    monkeypatch.setattr(dijiang_edge.conversion, "convert", lambda *a, **k: pytest.fail("converted first"))
+    before = listing(work)
+    assert main(["convert", str(tiny_src), "--out", str(ro / "o")]) == 2
+    assert "mine is not writable" in one_line(capsys.readouterr().err)
+    assert listing(work) == before
+
+
+@pytest.fixture
+def no_bars():
+    """In process, transformers was imported before the CLI could set its environment
+    switch for progress bars (a subprocess gets it): turned off here, on again after."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def _safetensors_disk_full() -> Exception:
+    """What safetensors really raises on a full disk (seen on a 64 KiB tmpfs)."""
+    from safetensors import SafetensorError
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+WRITE_FAILURES = [
+    # (name, the error the writer raises given the file it writes, the words of the line)
+    ("enospc", lambda f: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f)), "no space left"),
+    ("enospc-safetensors", lambda f: _safetensors_disk_full(), "no space left"),
+    ("erofs", lambda f: OSError(errno.EROFS, os.strerror(errno.EROFS), str(f)), "is not writable"),
+    ("eacces-in-out", lambda f: OSError(errno.EACCES, os.strerror(errno.EACCES), str(f)), "is not writable"),
+]
+
+
+@pytest.mark.parametrize("make_error,says", [w[1:] for w in WRITE_FAILURES], ids=[w[0] for w in WRITE_FAILURES])
+def test_a_write_that_fails_half_way_is_one_line_and_leaves_nothing(work, tiny_src, monkeypatch, capsys, no_bars,
+                                                                      make_error, says):
+    """In process, the model writer writes half its file and fails as a full disk or a
+    read-only folder does: exit 2, one line, no scratch folder, no lock, no ``--out``."""
+    from dijiang_edge.cli import main
+    from dijiang_edge.model import DiJiangForCausalLM
+
+    def failing_save(self, folder):
+        f = Path(folder) / "model.safetensors"
+        f.write_bytes(b"\x00" * 1000)
+        raise make_error(f)
+    monkeypatch.setattr(DiJiangForCausalLM, "save_pretrained", failing_save)
+    before = listing(work)
+    assert main(["convert", str(tiny_src), "--out", str(work / "new")]) == 2
+    assert says in one_line(capsys.readouterr().err)
+    assert listing(work) == before
+
+
+def test_other_errors_of_a_writer_are_not_disguised(work, tiny_src, monkeypatch):
+    """A failure that is not the disk's (a bug, a missing input) keeps its own exception,
+    and the scratch folder still goes."""
+    from dijiang_edge.cli import main
+    from dijiang_edge.model import DiJiangForCausalLM
+
+    def failing_save(self, folder):
+        raise OSError(errno.ENOENT, "No such file or directory", "/elsewhere/input.bin")
+    monkeypatch.setattr(DiJiangForCausalLM, "save_pretrained", failing_save)
+    before = listing(work)
+    with pytest.raises(FileNotFoundError):
+        main(["convert", str(tiny_src), "--out", str(work / "new")])
+    assert listing(work) == before
 
 
 # -- two runs, one new --out -------------------------------------------------------
