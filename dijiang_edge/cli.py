@@ -32,6 +32,7 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # transformers' "Loading weights" bars too
+    os.environ.setdefault("TQDM_DISABLE", "1")         # plain tqdm bars (transformers' GGUF reader)
     logging.disable(logging.WARNING)     # torchao/torch import-time warnings; our output is print()
 
 
@@ -157,12 +158,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
     import torch
     from .conversion import convert
     from .generation import stream
-    from .tokenizer import load_tokenizer, resolve_source
+    from .tokenizer import source_tokenizer
     from .exporters import tokenizer_source
     model = convert(a.model, adapter=_adapter(a), **_convert_options(a))
     _check_top_k(a.top_k, model.args.vocab_size)
-    src = resolve_source(tokenizer_source(a.model, model))
-    tok = load_tokenizer(src if src.is_dir() else src.parent)
+    tok = source_tokenizer(tokenizer_source(a.model, model))     # a .gguf's: converted in memory
     ids = torch.tensor([_prompt_ids(tok, a.prompt)])
     if a.threads:
         torch.set_num_threads(a.threads)
