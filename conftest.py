@@ -26,25 +26,26 @@ def fed_in_pieces(model, ids: torch.Tensor, splits: list[int]):
     return torch.cat(outs, 1), state
 
 
-def tiny_hf(arch: str, seed: int = 0):
-    """A randomly initialised transformers model of ``arch`` with a few-thousand-weight config."""
+def tiny_hf(arch: str, seed: int = 0, layers: int = 2):
+    """A randomly initialised transformers model of ``arch`` with a few-thousand-weight config
+    (``layers=1`` for a ``.pte``: lowering costs about a second per XNNPACK subgraph)."""
     import transformers as T
     torch.manual_seed(seed)
     if arch == "llama":        # grouped-query attention, untied head
-        cfg = T.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        cfg = T.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     elif arch == "smollm2":    # SmolLM2's shape in miniature: GQA 3:1, tied embeddings, rope 1e5
-        cfg = T.LlamaConfig(vocab_size=97, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+        cfg = T.LlamaConfig(vocab_size=97, hidden_size=72, intermediate_size=96, num_hidden_layers=layers,
                             num_attention_heads=3, num_key_value_heads=1, head_dim=24,
                             rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     elif arch == "qwen2":      # QKV bias
-        cfg = T.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        cfg = T.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     elif arch == "gpt_neox":   # partial rotary, parallel residual
-        cfg = T.GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = T.GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                               num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=256,
                               bos_token_id=1, eos_token_id=2, use_parallel_residual=True,
                               tie_word_embeddings=False)

@@ -38,7 +38,8 @@ def captured(lines: list[str]) -> Iterator[None]:
                 os.dup2(saved, 2)
                 os.close(saved)
             f.seek(0)
-            text = py.getvalue() + f.read().decode("utf-8", "replace")
+            # descriptor 2's lines (cpuinfo) first: the last line is then ExecuTorch's own, if any
+            text = f.read().decode("utf-8", "replace") + "\n" + py.getvalue()
             lines += [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
