@@ -454,12 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     except DiJiangError as e:
         print(f"dijiang-export: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("dijiang-export: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("dijiang-export: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:        # Terminated (SIGTERM) is one; a command may add what to do next
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"dijiang-export: {what}" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except MemoryError:
         print("dijiang-export: error: out of memory; try a shorter input or fewer threads", file=sys.stderr)
         return 3

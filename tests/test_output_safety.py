@@ -253,6 +253,43 @@ def test_sigterm_mid_export_leaves_no_partial_and_no_out(work, tiny_src):
     assert listing(work) == before                          # no .ex.partial-*, no ex, no lock
 
 
+def _adapt(work: Path, src: Path, budget: str, *flags: str) -> list[str]:
+    return ["adapt", str(src), "--data", "train.txt", "--out", "ad", "--stages", "finetune", "--finetune", "full",
+            "--token-budget", budget, "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "128",
+            "--checkpoint-steps", "1", "--checkpoint-minutes", "0", "--threads", "1", *flags]
+
+
+def test_sigterm_mid_adapt_stops_cleanly_and_resumes(work, tiny_src, monkeypatch, one_thread):
+    """SIGTERM after the first checkpoint: exit 143 with one line that says how to go on,
+    no output folder, a whole checkpoint (no .tmp), nothing else touched; ``--resume``
+    then finishes the run from it."""
+    (work / "train.txt").write_text(" ".join(f"w{(i * 7) % 97}" for i in range(3000)))
+    before = listing(work)
+    ck = work / "ad-checkpoint"
+    p = start(*_adapt(work, tiny_src, "10M"), cwd=work)       # a budget it never reaches: only the signal stops it
+    polls = 0                                                  # a count, not a clock (tests/test_timing.py)
+    while not (ck / "checkpoint.json").exists():
+        polls += 1
+        assert p.poll() is None and polls < 18_000, p.communicate()
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=60)
+    lines = p.communicate()[1].strip().splitlines()
+    assert rc == 143, lines
+    assert lines[-1] == f"dijiang-export: terminated; run the same command with --resume to continue from the " \
+                        f"checkpoint in ad-checkpoint", lines
+    assert all(line.startswith("[") for line in lines[:-1]), lines     # the rest: progress lines only
+    assert "checkpoint.json" in {f.name for f in ck.iterdir()}
+    assert {f.name for f in ck.iterdir()} <= {"checkpoint.json", "checkpoint.0.safetensors", "checkpoint.1.safetensors"}
+    assert listing(work, skip=ck) == before                   # no ad, no .ad.partial-*, no lock
+    from dijiang_edge.cli import main                          # the resume in process: one interpreter start less
+    monkeypatch.chdir(work)
+    assert main(_adapt(work, tiny_src, "384", "--resume")) == 0
+    assert json.loads((work / "ad" / "report.json").read_text())["resumed"] is True
+    assert not ck.exists() and (work / "ad" / "model.safetensors").is_file()
+    assert listing(work, skip=work / "ad") == before
+
+
 @pytest.mark.parametrize("signum,raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
 def test_a_signal_in_the_staged_block_removes_the_scratch_folder(tmp_path, signum, raised):
     """In process: the signal becomes an exception there, the scratch folder goes, no

@@ -122,7 +122,7 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """While the block runs, SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt``,
     each once: a second signal during the cleanup is ignored so the cleanup finishes.
     The old handlers are restored after.  Outside the main thread (where Python allows no
@@ -182,7 +182,7 @@ def _out_lock(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """SIGTERM and SIGINT held back until the block ends: between renaming the old
     ``out`` aside and the new one in, an interruption would leave neither."""
     if not hasattr(signal, "pthread_sigmask"):
@@ -201,7 +201,7 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
     may have made it since the check at the start (then this one is refused, and the
     other's folder stays).  A replaced folder is first renamed aside, so ``out`` is
     always either the old or the new complete folder."""
-    with _out_lock(out), _signals_deferred():
+    with _out_lock(out), signals_deferred():
         check_out(out, force)
         if not (out.exists() or out.is_symlink()):
             tmp.rename(out)
@@ -234,7 +234,7 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             raise DiJiangError(f"{tmp} is in the way of the scratch folder; remove it and run again")
         shutil.rmtree(tmp)
     _ACTIVE.add(tmp)
-    with _signals_raise():
+    with signals_raise():
         try:
             try:
                 tmp.mkdir(parents=True)
