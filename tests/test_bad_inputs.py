@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import tiny_hf, word_tokenizer
+from conftest import tiny_gguf, tiny_hf, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 Setup = Callable[[Path, dict], list]     # (case folder, shared folders) -> argv (str or bytes items)
@@ -28,7 +28,7 @@ Setup = Callable[[Path, dict], list]     # (case folder, shared folders) -> argv
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Hugging Face folder, its conversion and its ONNX export, built once."""
+    """A tiny Hugging Face folder, its conversion, its ONNX export and a tiny GGUF file, built once."""
     from dijiang_edge.conversion import convert
     from dijiang_edge.exporters import export
     from dijiang_edge.tokenizer import save_tokenizer
@@ -41,7 +41,8 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     save_tokenizer(src, conv)
     exp = base / "exp"
     export(str(src), exp, ["onnx"], ["fp32"], adapter=None, parity_tokens=0, kinds=("native",))
-    return {"base": base, "src": src, "conv": conv, "exp": exp}
+    tiny_gguf(base / "tiny.gguf")
+    return {"base": base, "src": src, "conv": conv, "exp": exp, "gguf": base / "tiny.gguf"}
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -179,6 +180,8 @@ CASES: dict[str, tuple[Setup, str]] = {     # name -> (setup, a word the one lin
     # sampling and runtime flags
     "generate-top-k-over-vocab-export": (_gen("--temperature", "1", "--top-k", "1000"), "--top-k"),
     "generate-top-k-over-vocab-torch": (_gen_torch("--temperature", "1", "--top-k", "98"), "--top-k"),
+    "generate-top-k-over-vocab-gguf": (lambda case, s: ["generate", str(s["gguf"]), "--prompt", "abc",
+                                                         "--temperature", "1", "--top-k", "98"], "--top-k"),
     "generate-top-k-negative": (_gen("--top-k", "-1"), "--top-k"),
     "generate-temperature-nan": (_gen("--temperature", "nan"), "--temperature"),
     "generate-temperature-negative": (_gen("--temperature", "-0.5"), "--temperature"),
