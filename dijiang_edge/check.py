@@ -180,7 +180,13 @@ class _Skip(Exception):
 def native_tier(tier: str, folder: Path, entry: dict, model, ref, threads: int) -> dict:
     """The C++ runner (x86) or the aarch64 build under emulation, in one run: the text
     as the prompt (its logits at every position: teacher-forced figures), then a greedy
-    continuation whose every step PyTorch sees teacher-forced on the same tokens."""
+    continuation whose every step PyTorch sees teacher-forced on the same tokens.
+
+    The files are checked against the manifest's checksums first, as the Python tier's
+    runners do: the C++ runner would run a modified or truncated ``.pte`` as it is, so a
+    file that fails is a FAIL row, never run (even where the tier's tools are missing)."""
+    from .manifest import verify_files
+    verify_files(folder, entry)
     try:
         from .runtime import native
     except ImportError as e:

@@ -33,6 +33,7 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # transformers' "Loading weights" bars too
+    os.environ.setdefault("TQDM_DISABLE", "1")         # plain tqdm bars (transformers' GGUF reader)
     logging.disable(logging.WARNING)     # torchao/torch import-time warnings; our output is print()
 
 
@@ -179,6 +180,20 @@ def _open_export(a: argparse.Namespace, check: Callable[[Any, Path], None]) -> _
                    f"{runner.entry['format']} {runner.entry['quant']}")
 
 
+def _scratch_tokenizer(src: Path) -> Path:
+    """The tokenizer (and chat template) of a source without ``tokenizer.json`` (a ``.gguf``,
+    a slow tokenizer), converted into a scratch folder of this process that goes at exit:
+    ``generate`` and ``chat`` write nothing beside the model."""
+    import atexit
+    import shutil
+    import tempfile
+    from .tokenizer import save_tokenizer
+    tmp = Path(tempfile.mkdtemp(prefix="dijiang-tokenizer-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    save_tokenizer(src, tmp)
+    return tmp
+
+
 def _open_model(a: argparse.Namespace, check: Callable[[Any, Path], None]) -> _Opened:
     """``MODEL_OR_EXPORT_DIR`` as ``generate`` and ``chat`` take it; ``check(tokenizer,
     its folder)`` runs as soon as the tokenizer is there."""
@@ -197,7 +212,8 @@ def _open_model(a: argparse.Namespace, check: Callable[[Any, Path], None]) -> _O
     _check_top_k(a.top_k, model.args.vocab_size)
     if not (beside / "tokenizer.json").exists():
         src = resolve_source(tokenizer_source(a.model, model))
-        folder = src if src.is_dir() else src.parent
+        has_json = src.is_dir() and (src / "tokenizer.json").exists()
+        folder = src if has_json else _scratch_tokenizer(src)     # a .gguf's: converted, as convert does
         tok = load_tokenizer(folder)
         check(tok, folder)
     if a.threads:
@@ -548,12 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     except DiJiangError as e:
         print(f"dijiang-export: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("dijiang-export: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("dijiang-export: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:        # Terminated (SIGTERM) is one; a command may add what to do next
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"dijiang-export: {what}" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except MemoryError:
         print("dijiang-export: error: out of memory; try a shorter input or fewer threads", file=sys.stderr)
         return 3

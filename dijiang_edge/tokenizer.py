@@ -52,3 +52,16 @@ def load_tokenizer(folder: str | Path):
         return Tokenizer.from_file(str(p))
     except Exception as e:
         raise DiJiangError(f"{p} is not a valid tokenizer.json ({str(e)[:160]})") from None
+
+
+def source_tokenizer(model_src: str | Path):
+    """The ``tokenizers.Tokenizer`` of a source model: its ``tokenizer.json``, or, where it
+    has none (a ``.gguf``, a slow tokenizer), the one ``save_tokenizer`` converts, made in a
+    scratch folder that goes at once (``generate`` writes nothing beside the model)."""
+    import tempfile
+    src = resolve_source(model_src)
+    if src.is_dir() and (src / "tokenizer.json").exists():
+        return load_tokenizer(src)
+    with tempfile.TemporaryDirectory(prefix="dijiang-tokenizer-") as tmp:
+        save_tokenizer(src, tmp)
+        return load_tokenizer(tmp)

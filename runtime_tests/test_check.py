@@ -169,12 +169,15 @@ def test_bars():
 
 # -- the native tiers, through a stand-in of runtime.native --------------------------------
 
-def _fake_native(monkeypatch, scale: float = 1.0):
+def _fake_native(monkeypatch, scale: float = 1.0, calls: list | None = None):
     """``runtime.native``'s contract served by the Python runtime (``scale`` != 1 damages
-    the decode logits); emulated aarch64 reports its tools missing."""
+    the decode logits; ``calls`` collects the files run); emulated aarch64 reports its
+    tools missing."""
     from dijiang_edge.runtime.executorch import PteRunner
 
     def run_pte(pte, prompt_ids, new_tokens, arch="x86_64", logits_steps=(), threads=1, prefill_logits=False):
+        if calls is not None:
+            calls.append(Path(pte))
         r = PteRunner(Path(pte))
         pre = r.forward(np.array([prompt_ids], np.int64))[0]
         logits, lg, tokens = {0: pre if prefill_logits else pre[-1]}, pre[-1], []
@@ -213,6 +216,28 @@ def test_native_tier_with_wrong_logits_fails(folder, capsys, monkeypatch):
     assert code == 1, out
     native = [r for r in _rows(out) if "native" in r]
     assert "FAIL" in native[0] and "decode rel err" in out, out
+
+
+def test_native_tier_never_runs_a_pte_whose_checksum_fails(folder, tmp_path, capsys, monkeypatch):
+    """The C++ runner reads no manifest: ``check`` verifies the file first, and a modified
+    ``.pte`` is a FAIL row on every tier (one clear note), never handed to the runner."""
+    calls: list = []
+    _fake_native(monkeypatch, calls=calls)
+    d = _copy(folder, tmp_path / "d")
+    pte = d / "model_fp32.pte"
+    b = bytearray(pte.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    pte.write_bytes(bytes(b))
+    arm = tmp_path / "arm.toml"                 # aarch64: the stand-in has no emulator, yet the row FAILs
+    arm.write_text(BOARD.replace('"x86_64"', '"aarch64"'))
+    for target, tiers in (([], [["x86", "python"], ["x86", "native"]]),
+                          (["--target", arm], [["x86", "python"], ["aarch64", "emulated"]])):
+        code, out, _ = _check(capsys, d, "--files", "*.pte", "--tokens", "100", *target)
+        assert code == 1, out
+        rows = _rows(out)
+        assert [r[3:5] for r in rows] == tiers, out
+        assert all("FAIL" in r and "sha256" in " ".join(r) for r in rows), out
+    assert calls == [], calls
 
 
 @pytest.mark.slow

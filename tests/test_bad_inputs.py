@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import tiny_hf, word_tokenizer
+from conftest import tiny_gguf, tiny_hf, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 Setup = Callable[[Path, dict], list]     # (case folder, shared folders) -> argv (str or bytes items)
@@ -28,7 +28,7 @@ Setup = Callable[[Path, dict], list]     # (case folder, shared folders) -> argv
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Hugging Face folder, its conversion and its ONNX export, built once."""
+    """A tiny Hugging Face folder, its conversion, its ONNX export and a tiny GGUF file, built once."""
     from dijiang_edge.conversion import convert
     from dijiang_edge.exporters import export
     from dijiang_edge.tokenizer import save_tokenizer
@@ -41,7 +41,8 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     save_tokenizer(src, conv)
     exp = base / "exp"
     export(str(src), exp, ["onnx"], ["fp32"], adapter=None, parity_tokens=0, kinds=("native",))
-    return {"base": base, "src": src, "conv": conv, "exp": exp}
+    tiny_gguf(base / "tiny.gguf")
+    return {"base": base, "src": src, "conv": conv, "exp": exp, "gguf": base / "tiny.gguf"}
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -186,6 +187,8 @@ CASES: dict[str, tuple[Setup, str]] = {     # name -> (setup, a word the one lin
     # sampling and runtime flags
     "generate-top-k-over-vocab-export": (_gen("--temperature", "1", "--top-k", "1000"), "--top-k"),
     "generate-top-k-over-vocab-torch": (_gen_torch("--temperature", "1", "--top-k", "98"), "--top-k"),
+    "generate-top-k-over-vocab-gguf": (lambda case, s: ["generate", str(s["gguf"]), "--prompt", "abc",
+                                                         "--temperature", "1", "--top-k", "98"], "--top-k"),
     "generate-top-k-negative": (_gen("--top-k", "-1"), "--top-k"),
     "generate-temperature-nan": (_gen("--temperature", "nan"), "--temperature"),
     "generate-temperature-negative": (_gen("--temperature", "-0.5"), "--temperature"),
@@ -229,9 +232,93 @@ CASES: dict[str, tuple[Setup, str]] = {     # name -> (setup, a word the one lin
 }
 
 
+# -- bad inputs on a .pte path: the runtime's native log must not add lines -----------
+
+def _pte_copy(case: Path, s: dict, damage: Callable[[Path], None], keep_checksums: bool = False) -> Path:
+    """A copy of the .pte export with ``damage`` done to it (its checksums dropped, so the
+    runtime itself reads the damaged file, unless ``keep_checksums``)."""
+    d = case / "pte"
+    shutil.copytree(s["pte"], d)
+    damage(d)
+    if not keep_checksums:
+        m = json.loads((d / "manifest.json").read_text())
+        for f in m["files"]:
+            f.pop("checksums", None)
+        (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def _tokenizer_past_vocab(d: Path) -> None:
+    """A tokenizer.json whose word "big" is id 500 of a 97-token model: refused at the
+    first forward call, after the program (and the XNNPACK delegate) has loaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "big": 500}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+
+
+def _pte_file(data: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def damage(d: Path) -> None:
+        f = d / "model_fp32.pte"
+        f.write_bytes(data(f.read_bytes()))
+    return damage
+
+
+def _pte_generate(damage: Callable[[Path], None], prompt: str = "w1", keep_checksums: bool = False) -> Setup:
+    return lambda case, s: ["generate", str(_pte_copy(case, s, damage, keep_checksums)), "--prompt", prompt,
+                            "--threads", "2"]
+
+
+PTE_CASES: dict[str, tuple[Setup, str]] = {
+    "generate-pte-tokenizer-past-vocab": (_pte_generate(_tokenizer_past_vocab, "big"), "[0, 97)"),
+    "generate-pte-truncated-unchecked": (_pte_generate(_pte_file(lambda b: b[:len(b) // 2])), "truncated or corrupt"),
+    "generate-pte-random-bytes": (_pte_generate(_pte_file(lambda b: bytes(np.random.default_rng(1).integers(
+        0, 256, 3000, np.uint8))), "w1"), "not an ExecuTorch program"),
+    "generate-pte-modified": (_pte_generate(_pte_file(lambda b: b[:-1] + bytes([b[-1] ^ 1])), keep_checksums=True),
+                              "sha256"),
+}
+
+
+@pytest.fixture(scope="module")
+def pte_shared(shared: dict) -> dict[str, Path]:
+    """``shared`` plus a one-layer model's fp32 ``.pte`` export (tens of seconds: built only
+    for the cases that need it)."""
+    pytest.importorskip("executorch.runtime")
+    from dijiang_edge.exporters import export
+    src = shared["base"] / "src1"
+    tiny_hf("llama", layers=1).save_pretrained(src)
+    word_tokenizer(src)
+    out = shared["base"] / "pte"
+    export(str(src), out, ["pte"], ["fp32"], adapter=None, parity_tokens=0, convert_options={"chunk_size": 8},
+           max_seq_len=16)
+    return {**shared, "pte": out}
+
+
+@pytest.mark.parametrize("name", list(PTE_CASES))
+def test_bad_input_on_a_pte_path_is_one_line(name: str, pte_shared: dict) -> None:
+    _check_case(name, *PTE_CASES[name], pte_shared)
+
+
+def test_generate_on_a_pte_prints_only_its_summary_on_stderr(pte_shared: dict) -> None:
+    """A normal .pte run: stdout the text, stderr the one summary line (no cpuinfo or
+    threadpool lines of the runtime)."""
+    r = _run(["generate", str(pte_shared["pte"]), "--prompt", "w1 w2", "--max-new-tokens", "4", "--threads", "2"],
+             pte_shared["base"])
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert r.stdout.decode().startswith("w1 w2") and len(r.stdout.decode().split()) == 6
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[4 tokens;") and lines[0].endswith("pte fp32]"), err
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(name: str, shared: dict) -> None:
-    setup, word = CASES[name]
+    _check_case(name, *CASES[name], shared)
+
+
+def _check_case(name: str, setup: Setup, word: str, shared: dict) -> None:
+    """Run one case in its own folder: exit 2, one non-empty stderr line holding ``word``,
+    no traceback, nothing under the test's folder changed."""
     case = shared["base"] / "cases" / name
     case.mkdir(parents=True)
     argv = setup(case, shared)
@@ -284,3 +371,18 @@ def test_quant_names_of_every_format_checked_before_any_export() -> None:
         check_quant_names(["onnx", "pte"], ["fp32", "int4"])
     with pytest.raises(DiJiangError, match="8da4w"):
         check_quant_names(["onnx"], ["8da4w"])
+
+
+def test_native_log_lines_are_caught_on_both_paths(capfd) -> None:
+    """ExecuTorch logs through ``sys.stderr``, the cpuinfo library writes to descriptor 2:
+    both are caught while a program loads (and kept, for the error line), nothing after."""
+    from dijiang_edge.runtime import clog
+    lines: list[str] = []
+    with clog.captured(lines):
+        os.write(2, b"Error in cpuinfo: failed to parse the list of possible processors\n")
+        print("[program.cpp:114] File size is too small.", file=sys.stderr)
+    print("our own line", file=sys.stderr)
+    assert capfd.readouterr().err == "our own line\n"
+    assert lines == ["Error in cpuinfo: failed to parse the list of possible processors",
+                     "[program.cpp:114] File size is too small."]
+    assert clog.last_line(lines) == "File size is too small."

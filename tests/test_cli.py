@@ -51,6 +51,28 @@ def test_corrupt_gguf(capsys, tmp_path):
     assert code == 2 and "could not read GGUF file" in err and len(err.splitlines()) == 1
 
 
+def test_generate_runs_a_gguf_file(tmp_path):
+    """``.gguf`` is a MODEL for ``generate`` too: converted in memory, its tokenizer as
+    well (nothing written beside it), the text PyTorch's greedy continuation."""
+    import os
+    from dijiang_edge.conversion import convert
+    from dijiang_edge.generation import stream
+    from dijiang_edge.tokenizer import source_tokenizer
+    from conftest import tiny_gguf
+    g = tmp_path / "tiny.gguf"
+    tiny_gguf(g)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "dijiang_edge.cli", "generate", str(g), "--prompt", "abc",
+                        "--max-new-tokens", "6"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "PyTorch" in r.stderr, r.stderr
+    tok = source_tokenizer(g)
+    ids = torch.tensor([tok.encode("abc").ids])
+    want = [int(t[0]) for t, _ in stream(convert(str(g)), ids, 6)]
+    assert r.stdout == "abc" + tok.decode(want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
 def test_convert_then_generate_and_refuse_existing_out(capsys, tmp_path):
     hf = tiny_hf("llama")
     hf.save_pretrained(tmp_path / "src")

@@ -9,6 +9,7 @@ that stderr is one line, and that nothing outside ``--out`` changed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -106,6 +107,100 @@ def test_convert_refuses_out_it_may_not_replace(work, tiny_src, cwd, out, flags,
     assert listing(work / keep) == before                 # no partial folder, no lock file, nothing gone
 
 
+# -- a read-only parent, a full disk: one line, nothing kept --------------------------
+
+def test_read_only_parent_is_refused_before_any_work(work, tiny_src):
+    """A folder without write permission (chmod 0555): refused up front. Root may write
+    there anyway (os.access says so), then the case cannot be made and is skipped."""
+    ro = work / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: chmod 0555 does not stop writes")
+        before = listing(work)
+        r = cli("convert", str(tiny_src), "--out", "ro/o", cwd=work)
+        assert r.returncode == 2, r.stderr
+        assert "is not writable" in one_line(r.stderr)
+        assert listing(work) == before
+    finally:
+        ro.chmod(0o755)
+
+
+def test_read_only_mount_is_refused_before_the_model_loads(work, tiny_src, monkeypatch, capsys):
+    """In process, as root too: ``os.access`` says what a read-only mount says (EROFS);
+    the refusal comes from ``check_out``, before any conversion."""
+    import dijiang_edge.conversion
+    from dijiang_edge.cli import main
+    from dijiang_edge.exporters import write_errors
+    ro, real = work / "mine", os.access
+    monkeypatch.setattr(write_errors.os, "access", lambda p, mode: Path(p) != ro and real(p, mode))
+    monkeypatch.setattr(dijiang_edge.conversion, "convert", lambda *a, **k: pytest.fail("converted first"))
+    before = listing(work)
+    assert main(["convert", str(tiny_src), "--out", str(ro / "o")]) == 2
+    assert "mine is not writable" in one_line(capsys.readouterr().err)
+    assert listing(work) == before
+
+
+@pytest.fixture
+def no_bars():
+    """In process, transformers was imported before the CLI could set its environment
+    switch for progress bars (a subprocess gets it): turned off here, on again after."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def _safetensors_disk_full() -> Exception:
+    """What safetensors really raises on a full disk (seen on a 64 KiB tmpfs)."""
+    from safetensors import SafetensorError
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+WRITE_FAILURES = [
+    # (name, the error the writer raises given the file it writes, the words of the line)
+    ("enospc", lambda f: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f)), "no space left"),
+    ("enospc-safetensors", lambda f: _safetensors_disk_full(), "no space left"),
+    ("erofs", lambda f: OSError(errno.EROFS, os.strerror(errno.EROFS), str(f)), "is not writable"),
+    ("eacces-in-out", lambda f: OSError(errno.EACCES, os.strerror(errno.EACCES), str(f)), "is not writable"),
+]
+
+
+@pytest.mark.parametrize("make_error,says", [w[1:] for w in WRITE_FAILURES], ids=[w[0] for w in WRITE_FAILURES])
+def test_a_write_that_fails_half_way_is_one_line_and_leaves_nothing(work, tiny_src, monkeypatch, capsys, no_bars,
+                                                                      make_error, says):
+    """In process, the model writer writes half its file and fails as a full disk or a
+    read-only folder does: exit 2, one line, no scratch folder, no lock, no ``--out``."""
+    from dijiang_edge.cli import main
+    from dijiang_edge.model import DiJiangForCausalLM
+
+    def failing_save(self, folder):
+        f = Path(folder) / "model.safetensors"
+        f.write_bytes(b"\x00" * 1000)
+        raise make_error(f)
+    monkeypatch.setattr(DiJiangForCausalLM, "save_pretrained", failing_save)
+    before = listing(work)
+    assert main(["convert", str(tiny_src), "--out", str(work / "new")]) == 2
+    assert says in one_line(capsys.readouterr().err)
+    assert listing(work) == before
+
+
+def test_other_errors_of_a_writer_are_not_disguised(work, tiny_src, monkeypatch):
+    """A failure that is not the disk's (a bug, a missing input) keeps its own exception,
+    and the scratch folder still goes."""
+    from dijiang_edge.cli import main
+    from dijiang_edge.model import DiJiangForCausalLM
+
+    def failing_save(self, folder):
+        raise OSError(errno.ENOENT, "No such file or directory", "/elsewhere/input.bin")
+    monkeypatch.setattr(DiJiangForCausalLM, "save_pretrained", failing_save)
+    before = listing(work)
+    with pytest.raises(FileNotFoundError):
+        main(["convert", str(tiny_src), "--out", str(work / "new")])
+    assert listing(work) == before
+
+
 # -- two runs, one new --out -------------------------------------------------------
 
 def test_two_concurrent_converts_to_one_new_out_one_wins_one_is_refused(work, tiny_src):
@@ -156,6 +251,43 @@ def test_sigterm_mid_export_leaves_no_partial_and_no_out(work, tiny_src):
     assert rc == 143, err
     assert err.strip().splitlines()[-1] == "dijiang-export: terminated"
     assert listing(work) == before                          # no .ex.partial-*, no ex, no lock
+
+
+def _adapt(work: Path, src: Path, budget: str, *flags: str) -> list[str]:
+    return ["adapt", str(src), "--data", "train.txt", "--out", "ad", "--stages", "finetune", "--finetune", "full",
+            "--token-budget", budget, "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "128",
+            "--checkpoint-steps", "1", "--checkpoint-minutes", "0", "--threads", "1", *flags]
+
+
+def test_sigterm_mid_adapt_stops_cleanly_and_resumes(work, tiny_src, monkeypatch, one_thread):
+    """SIGTERM after the first checkpoint: exit 143 with one line that says how to go on,
+    no output folder, a whole checkpoint (no .tmp), nothing else touched; ``--resume``
+    then finishes the run from it."""
+    (work / "train.txt").write_text(" ".join(f"w{(i * 7) % 97}" for i in range(3000)))
+    before = listing(work)
+    ck = work / "ad-checkpoint"
+    p = start(*_adapt(work, tiny_src, "10M"), cwd=work)       # a budget it never reaches: only the signal stops it
+    polls = 0                                                  # a count, not a clock (tests/test_timing.py)
+    while not (ck / "checkpoint.json").exists():
+        polls += 1
+        assert p.poll() is None and polls < 18_000, p.communicate()
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=60)
+    lines = p.communicate()[1].strip().splitlines()
+    assert rc == 143, lines
+    assert lines[-1] == f"dijiang-export: terminated; run the same command with --resume to continue from the " \
+                        f"checkpoint in ad-checkpoint", lines
+    assert all(line.startswith("[") for line in lines[:-1]), lines     # the rest: progress lines only
+    assert "checkpoint.json" in {f.name for f in ck.iterdir()}
+    assert {f.name for f in ck.iterdir()} <= {"checkpoint.json", "checkpoint.0.safetensors", "checkpoint.1.safetensors"}
+    assert listing(work, skip=ck) == before                   # no ad, no .ad.partial-*, no lock
+    from dijiang_edge.cli import main                          # the resume in process: one interpreter start less
+    monkeypatch.chdir(work)
+    assert main(_adapt(work, tiny_src, "384", "--resume")) == 0
+    assert json.loads((work / "ad" / "report.json").read_text())["resumed"] is True
+    assert not ck.exists() and (work / "ad" / "model.safetensors").is_file()
+    assert listing(work, skip=work / "ad") == before
 
 
 @pytest.mark.parametrize("signum,raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])

@@ -119,6 +119,13 @@ class Checkpointer:
             return None
 
     def save(self, run: dict[str, Any], params: dict[str, torch.Tensor], optimizer: Any) -> None:
+        """Write the checkpoint with SIGTERM/SIGINT held back until it is whole: a signal
+        then stops the run right after a complete save (and leaves no ``.tmp`` file)."""
+        from ..exporters import signals_deferred
+        with signals_deferred():
+            self._save(run, params, optimizer)
+
+    def _save(self, run: dict[str, Any], params: dict[str, torch.Tensor], optimizer: Any) -> None:
         from safetensors.torch import save_file
         self.folder.mkdir(parents=True, exist_ok=True)
         blob = {"fingerprint": self.fingerprint, "run": run, "rng": rng_state(),

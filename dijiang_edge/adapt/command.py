@@ -4,7 +4,6 @@ Kept here so ``cli.py`` only registers it (and imports nothing heavy to build th
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable
 
 from ..argtypes import at_least, number_in
@@ -77,14 +76,15 @@ def run(a: argparse.Namespace) -> None:
     conv = {k: getattr(a, k) for k in CONVERT_OPTIONS}
     if a.init_adapter:            # the adapter fixes the settings: pass only those given on the command line
         conv = {k: v for k, v in conv.items() if v != a.convert_defaults[k]}
+    from ..exporters import signals_raise
     try:
-        r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, **conv, init_adapter=a.init_adapter,
-                  checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
-                  keep_checkpoint=a.keep_checkpoint, notes=a.note, heldout=a.heldout,
-                  command=getattr(a, "command_line", None))
-    except KeyboardInterrupt:
-        print("dijiang-export adapt: run the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        with signals_raise():      # SIGTERM (timeout, docker stop, CI) as Ctrl-C: scratch files go, one line
+            r = adapt(a.model, a.data, a.out, cfg, teacher=a.teacher, **conv, init_adapter=a.init_adapter,
+                      checkpoint_dir=a.checkpoint_dir, resume=a.resume, force=a.force,
+                      keep_checkpoint=a.keep_checkpoint, notes=a.note, heldout=a.heldout,
+                      command=getattr(a, "command_line", None))
+    except KeyboardInterrupt as e:
+        e.args = (_resume_hint(a),)          # main prints it on its one "interrupted"/"terminated" line
         raise
     if r["world_size"] > 1:
         from accelerate import PartialState
@@ -95,6 +95,16 @@ def run(a: argparse.Namespace) -> None:
         print(f"held-out perplexity on {text}: " + ", ".join(f"{k} {v:,.2f}" for k, v in ppl.items()))
     ad = "adapter.safetensors, " if (r.get("adapter") or {}).get("file") else ""
     print(f"wrote {a.out} (model, {ad}tokenizer.json, report.json, report.md, loss_curve.png, README.md model card)")
+
+
+def _resume_hint(a: argparse.Namespace) -> str:
+    """What an interrupted run leaves to go on from: its checkpoint, or none yet."""
+    from pathlib import Path
+    from .checkpoint import FILE
+    folder = Path(a.checkpoint_dir or f"{a.out}-checkpoint")
+    if (folder / FILE).exists():
+        return f"run the same command with --resume to continue from the checkpoint in {folder}"
+    return "no checkpoint was written yet; run the command again to start over"
 
 
 def add_evaluate_parser(sub: argparse._SubParsersAction, model_help: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DiJiangError
+from ..manifest import verify_files
 from ..runtime.native import ARCHES, check_arch, emulated, require, run_pte
 from .instructions import instructions_per_token, probe_prompt
 
@@ -40,6 +41,7 @@ def bench_native(folder: str | Path, arches: Sequence[str] = ARCHES, quants: Seq
           f"{f'prefill instr ({prompt_len} tok)':>22}  method")
     rows = []
     for e in entries:
+        verify_files(folder, e)          # the C++ runner would time a modified file as it is
         pte = folder / e["path"]
         for a in arches:
             r = run_pte(pte, probe_prompt(prompt_len), tokens + 1, a, threads=threads)

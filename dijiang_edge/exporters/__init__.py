@@ -29,6 +29,7 @@ except ImportError:                  # Windows: no flock; the commit is then a p
 from .. import manifest as M
 from ..errors import DiJiangError
 from ..manifest import read as read_manifest  # noqa: F401  (the exporters' readers: one function)
+from .write_errors import check_writable, write_failure
 
 MANIFEST = M.NAME
 PARITY_TEXT, CALIBRATION_TEXT = "shakespeare", "pydoc"
@@ -50,16 +51,16 @@ def check_out(out: str | Path, force: bool) -> None:
     out = Path(out)
     if not Path(os.path.abspath(out)).name:
         raise DiJiangError(f"--out {out} names no folder of its own; give a new folder's name")
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not force:
-        raise OutputExists(f"{out} already exists; choose another --out or pass --force to replace it")
-    if out.is_symlink():
-        raise DiJiangError(f"{out} is a symlink, so --force will not replace it; choose another --out "
-                           "or remove it yourself")
-    if not (out / MADE_BY).is_file():
-        raise DiJiangError(f"{out} was not made by dijiang-export (no {MADE_BY} in it), so --force will "
-                           f"not delete it; choose another --out or remove it yourself")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputExists(f"{out} already exists; choose another --out or pass --force to replace it")
+        if out.is_symlink():
+            raise DiJiangError(f"{out} is a symlink, so --force will not replace it; choose another --out "
+                               "or remove it yourself")
+        if not (out / MADE_BY).is_file():
+            raise DiJiangError(f"{out} was not made by dijiang-export (no {MADE_BY} in it), so --force will "
+                               f"not delete it; choose another --out or remove it yourself")
+    check_writable(out)
 
 
 _ACTIVE: set[Path] = set()     # scratch folders this process is writing now
@@ -121,7 +122,7 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """While the block runs, SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt``,
     each once: a second signal during the cleanup is ignored so the cleanup finishes.
     The old handlers are restored after.  Outside the main thread (where Python allows no
@@ -181,7 +182,7 @@ def _out_lock(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """SIGTERM and SIGINT held back until the block ends: between renaming the old
     ``out`` aside and the new one in, an interruption would leave neither."""
     if not hasattr(signal, "pthread_sigmask"):
@@ -200,7 +201,7 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
     may have made it since the check at the start (then this one is refused, and the
     other's folder stays).  A replaced folder is first renamed aside, so ``out`` is
     always either the old or the new complete folder."""
-    with _out_lock(out), _signals_deferred():
+    with _out_lock(out), signals_deferred():
         check_out(out, force)
         if not (out.exists() or out.is_symlink()):
             tmp.rename(out)
@@ -219,7 +220,8 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     ``out`` is checked by ``check_out`` before the scratch folder exists (a file or a
     symlink named with ``--force`` leaves nothing behind), and again under a lock at the
     commit, which is one rename.  Scratch folders of dead earlier runs to ``out`` are
-    removed first.  A failure, Ctrl-C or SIGTERM half-way removes the scratch folder.
+    removed first.  A failure, Ctrl-C or SIGTERM half-way removes the scratch folder; a
+    full disk or a read-only folder is then one ``DiJiangError`` line (``write_errors``).
     """
     check_out(out, force)
     out = Path(os.path.abspath(out))         # `..` or `.` has no name to put scratch names beside
@@ -232,7 +234,7 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             raise DiJiangError(f"{tmp} is in the way of the scratch folder; remove it and run again")
         shutil.rmtree(tmp)
     _ACTIVE.add(tmp)
-    with _signals_raise():
+    with signals_raise():
         try:
             try:
                 tmp.mkdir(parents=True)
@@ -242,8 +244,11 @@ def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             (tmp / MADE_BY).write_text("made by dijiang-export; `--force` may replace this folder\n")
             yield tmp
             _commit(tmp, out, force)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            full = write_failure(e, out, tmp) if isinstance(e, Exception) else None
+            if full is not None:             # a full disk or read-only folder: one line, not a traceback
+                raise full from None
             raise
         finally:
             _ACTIVE.discard(tmp)

@@ -15,20 +15,36 @@ import numpy as np
 
 from ..errors import DiJiangError
 from ..manifest import FileEntry, Manifest, verify_file
+from . import clog
 
 MARKER = "dijiang_recurrent_state"
 RUNNER_METHODS = ("get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_n_layers",
                   "use_kv_cache", "enable_dynamic_shape")
 
 
-def _load_program(path: Path):
+def check_header(path: Path) -> None:
+    """Refuse a file that is no ExecuTorch program before the runtime reads it: the
+    runtime logs a foreign file's identifier bytes, and bytes that are not UTF-8 there
+    abort the whole process (pybind11 cannot decode the log line)."""
+    with path.open("rb") as f:      # (this module's own `open` is the runner factory)
+        head = f.read(8)
+    ident = head[4:8]
+    if len(head) < 8 or not ident.startswith(b"ET") or not ident.isascii():
+        raise DiJiangError(f"{path} is not an ExecuTorch program (no ET identifier in its header); the file "
+                           f"is corrupt or of another kind: re-export it with `dijiang-export export --formats pte`")
+
+
+def _load_program(path: Path, threads: int, log: list[str]):
+    """The loaded program, with the runtime's native log lines caught in ``log``."""
     from executorch.runtime import Runtime
     try:
-        return Runtime.get().load_program(path)
+        with clog.captured(log):
+            set_threads(threads)
+            return Runtime.get().load_program(path)
     except Exception as e:
-        raise DiJiangError(f"{path} is not a loadable ExecuTorch program ({type(e).__name__}: "
-                           f"{str(e).strip()[:160] or 'load failed'}); the file is truncated or "
-                           f"corrupt: re-export it with `dijiang-export export --formats pte`") from None
+        why = clog.last_line(log) or str(e).strip()[:160] or "load failed"
+        raise DiJiangError(f"{path} is not a loadable ExecuTorch program ({type(e).__name__}: {why}); the "
+                           f"file is truncated or corrupt: re-export it with `dijiang-export export --formats pte`") from None
 
 
 def _constant(program, name: str) -> Any:
@@ -55,8 +71,19 @@ class PteRunner:
         path = Path(path)
         self.entry = entry or FileEntry(format="pte", quant="?", path=path.name, role="both")
         self._check_file(path)
-        set_threads(threads)
-        self.program = _load_program(path)
+        check_header(path)
+        self.log: list[str] = []          # the runtime's native log of the load (cpuinfo, XNNPACK)
+        self.program = _load_program(path, threads, self.log)
+        try:
+            with clog.captured(self.log):  # the XNNPACK delegate logs its CPU probing here
+                self._load_methods(path, marker)
+        except RuntimeError as e:
+            raise DiJiangError(f"{path}: ExecuTorch cannot load its methods ({clog.last_line(self.log) or e}); "
+                               "the file is damaged, or this executorch is older than the one that wrote it: "
+                               "re-export it") from None
+        self.pos = 0
+
+    def _load_methods(self, path: Path, marker: str) -> None:
         names = self.program.method_names
         missing = [m for m in ("forward", marker) + RUNNER_METHODS if m not in names]
         if missing:
@@ -67,7 +94,6 @@ class PteRunner:
         self.max_seq_len = int(self.meta["get_max_seq_len"])
         self.vocab_size = int(self.meta["get_vocab_size"])
         self.method = self.program.load_method("forward")
-        self.pos = 0
 
     def _check_file(self, path: Path) -> None:
         """Size and sha256 against the manifest: a truncated or replaced file is named."""
