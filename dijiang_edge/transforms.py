@@ -52,13 +52,13 @@ def freeze_decay(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
     return model
 
 
-def _plain(m: nn.Module) -> tuple[nn.Linear, int]:
-    """``(the nn.Linear, its input rotation block or 0)`` of a projection, rotated
-    (``exporters.outliers.RotatedLinear``: ``inner`` holds ``W R^T``) or not."""
-    return (m.inner, m.block) if hasattr(m, "rotation") else (m, 0)
+def _plain(m: nn.Module) -> tuple[nn.Linear, tuple[int, bool] | None]:
+    """``(the nn.Linear, its input rotation as (block, mixed across blocks) or None)`` of a
+    projection, rotated (``exporters.outliers.RotatedLinear``: ``inner`` holds ``W R^T``) or not."""
+    return (m.inner, (m.block, m.mix is not None)) if hasattr(m, "rotation") else (m, None)
 
 
-def _qkv_weights(attn) -> tuple[list[tuple[Tensor, Tensor | None]], list[int]]:
+def _qkv_weights(attn) -> tuple[list[tuple[Tensor, Tensor | None]], list]:
     """``[(W_q, b_q), (W_k, b_k), (W_v, b_v)]`` of either architecture, heads contiguous,
     and the input rotation block of each."""
     a = attn.a
@@ -72,21 +72,22 @@ def _qkv_weights(attn) -> tuple[list[tuple[Tensor, Tensor | None]], list[int]]:
     return [(w[:, i].reshape(h * d, -1), b[:, i].reshape(-1)) for i in range(3)], [block] * 3
 
 
-def fused_linear(parts: list[tuple[Tensor, Tensor | None]], blocks: list[int] | None = None) -> nn.Module:
+def fused_linear(parts: list[tuple[Tensor, Tensor | None]], blocks: list | None = None) -> nn.Module:
     """One ``nn.Linear`` whose output is the parts' outputs side by side (a rotated
-    one when the parts share an input rotation, ``blocks``)."""
+    one when the parts share an input rotation, ``blocks``: ``_plain``'s second items)."""
     w = torch.cat([p[0] for p in parts]).detach()
     lin = nn.Linear(w.shape[1], w.shape[0], bias=any(p[1] is not None for p in parts))
     lin.weight = nn.Parameter(w, requires_grad=False)
     if lin.bias is not None:
         b = [p[1] if p[1] is not None else w.new_zeros(p[0].shape[0]) for p in parts]
         lin.bias = nn.Parameter(torch.cat(b).detach(), requires_grad=False)
-    blocks = sorted(set(blocks or [0]))
-    if len(blocks) > 1:
-        raise DiJiangError(f"cannot fuse projections with different input rotations {blocks}")
-    if blocks[0]:
+    rotations = set(blocks or [None])
+    if len(rotations) > 1:
+        raise DiJiangError(f"cannot fuse projections with different input rotations {sorted(map(str, rotations))}")
+    rot = rotations.pop()
+    if rot:
         from .exporters.outliers import RotatedLinear
-        return RotatedLinear.around(lin, blocks[0])
+        return RotatedLinear.around(lin, *rot)
     return lin
 
 

@@ -7,7 +7,8 @@ import torch
 
 import dijiang_edge
 from dijiang_edge.exporters.executorch import quantize
-from dijiang_edge.exporters.outliers import RotatedLinear, block_for, hadamard, prepare_for_int8
+from dijiang_edge.exporters.outliers import (RotatedLinear, block_for, hadamard, prepare_for_int8,
+                                            random_orthogonal)
 from dijiang_edge.model import VARIANTS
 from conftest import ARCHS, rel_err
 
@@ -30,6 +31,48 @@ def test_rotated_linear_equals_the_linear():
     assert rel_err(RotatedLinear(lin)(x), lin(x)) < 1e-12
 
 
+def test_mixed_rotation_is_orthogonal_and_the_same_linear():
+    """``mix``: a random orthogonal rotation across the 64-blocks on top of Hadamard."""
+    a = random_orthogonal(9)
+    assert torch.allclose(a @ a.T, torch.eye(9, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(a, random_orthogonal(9))                    # seeded: exports stay identical
+    lin = torch.nn.Linear(576, 40, dtype=torch.float64)
+    rot = RotatedLinear(lin, 64, mix=True)
+    assert rot.mix is not None and rot.mix.shape == (9, 9)
+    x = torch.randn(3, 5, 576, dtype=torch.float64)
+    assert rel_err(rot(x), lin(x)) < 1e-12
+    x[..., 7] = 1000.0                                           # one outlier channel
+    y = ops_rows(rot, x)
+    assert y.abs().amax() < 0.2 * x.abs().amax()                 # spread over the whole row
+
+
+def ops_rows(rot: RotatedLinear, x: torch.Tensor) -> torch.Tensor:
+    """What ``rot.inner`` sees: ``x`` after the rotation."""
+    seen = []
+    h = rot.inner.register_forward_hook(lambda _, inp, __: seen.append(inp[0]))
+    rot(x)
+    h.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch,variant", [(a, v) for a in ARCHS for v in VARIANTS])
+def test_residual_rotation_is_the_same_function(hf_models, arch, variant):
+    """QuaRot's residual rotation is folded into the weights (norm gains ones after it,
+    the head's input no longer wrapped); with ``mix`` the output linears rotate across
+    blocks. Exact in float64; GPT-NeoX (LayerNorm) keeps the plain recipe."""
+    model = dijiang_edge.convert(hf_models[arch], variant=variant, chunk_size=8).double()
+    prepared = prepare_for_int8(model, CALIB, residual=True, mix=True)
+    rotated = [m for m in prepared.modules() if isinstance(m, RotatedLinear)]
+    if model.args.norm == "rms" and not model.args.parallel_residual:
+        assert len(rotated) == 2 * len(model.layers)                 # not the head
+        assert not torch.allclose(prepared.embed.weight, model.embed.weight)
+    else:
+        assert len(rotated) == 1 + 2 * len(model.layers)
+    ids = _ids(40)
+    assert rel_err(prepared(ids)[0], model(ids)[0]) < 1e-10
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("arch,variant", [(a, v) for a in ARCHS for v in VARIANTS])
 def test_prepared_model_is_the_same_function(hf_models, arch, variant):
@@ -45,18 +88,20 @@ def test_prepared_model_is_the_same_function(hf_models, arch, variant):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_input_rotated_and_fused_is_the_same_function(hf_models, arch):
-    """ONNX's treatment rotates every linear's input (32 x 32 blocks); the export
-    transforms then fuse rotated q/k/v(/gate) and gate/up into rotated fused linears."""
+@pytest.mark.parametrize("arch,mix", [(a, False) for a in ARCHS] + [(a, True) for a in ARCHS])
+def test_every_input_rotated_and_fused_is_the_same_function(hf_models, arch, mix):
+    """ONNX's treatment rotates every linear's input (32 x 32 blocks), the .pte's (``mix``)
+    across blocks too; the export transforms then fuse rotated q/k/v(/gate) and gate/up
+    into rotated fused linears, with the same rotation."""
     from dijiang_edge.transforms import fuse_projections
     model = dijiang_edge.convert(hf_models[arch], variant="normalized_gated", chunk_size=8).double()
-    prepared = prepare_for_int8(model, CALIB, block=32, every_input=True)
+    prepared = prepare_for_int8(model, CALIB, block=32, every_input=True, mix=mix)
     rotated = [m for m in prepared.modules() if isinstance(m, RotatedLinear)]
     per_layer = sum(isinstance(m, torch.nn.Linear) for m in model.layers[0].modules())
     assert len(rotated) == 1 + per_layer * len(model.layers) and {m.block for m in rotated} <= {8, 16, 32}
     fused = fuse_projections(prepared)
     assert all(isinstance(layer.attn.in_proj, RotatedLinear) for layer in fused.layers)
+    assert all((layer.attn.in_proj.mix is not None) == mix for layer in fused.layers)
     ids = _ids(40)
     assert rel_err(fused(ids)[0], model(ids)[0]) < 1e-10
 

@@ -62,7 +62,7 @@ def feature_projections(model) -> list:
     flatten before it is flattened)."""
     found: dict[bytes, object] = {}
     for name, b in model.named_buffers():
-        if name.split(".")[-1] in ("proj", "rotation"):
+        if name.split(".")[-1] in ("proj", "rotation", "mix"):
             for a in (b.detach().cpu().numpy(), b.detach().cpu().numpy().T.copy()):
                 found.setdefault(a.tobytes() + str(a.shape).encode(), a)
     return list(found.values())

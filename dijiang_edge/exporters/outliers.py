@@ -47,17 +47,33 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return (h / n ** 0.5).to(dtype)
 
 
-class RotatedLinear(nn.Module):
-    """``linear(x)`` computed as ``inner(R x)`` with ``inner.weight = W R^T``; ``R``
-    block-diagonal Hadamard. ``inner`` is a plain ``nn.Linear`` for the quantizer."""
+def random_orthogonal(n: int, seed: int = 0) -> Tensor:
+    """A fixed (seeded) random orthogonal ``n x n`` matrix in float64: QR of a Gaussian,
+    signs fixed so that the result does not depend on the QR routine's sign choice."""
+    g = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r))[None, :]
 
-    def __init__(self, linear: nn.Linear, block: int = BLOCK):
+
+class RotatedLinear(nn.Module):
+    """``linear(x)`` computed as ``inner(R x)`` with ``inner.weight = W R^T``.
+
+    ``R`` is block-diagonal Hadamard, or with ``mix`` the Kronecker product
+    ``random_orthogonal(k / block) (x) H``: the input seen as ``[k / block, block]`` is
+    rotated within each block and then across blocks, so an outlier spreads over the whole
+    row (XNNPACK's one scale per row) for one more small matmul. ``inner`` is a plain
+    ``nn.Linear`` for the quantizer."""
+
+    def __init__(self, linear: nn.Linear, block: int = BLOCK, mix: bool = False):
         super().__init__()
         k, n = linear.in_features, linear.out_features
         self.block = block
         h = hadamard(block, torch.float64)
         self.register_buffer("rotation", h.to(linear.weight.dtype))
-        w = (linear.weight.detach().double().reshape(n, k // block, block) @ h.T).reshape(n, k)
+        a = random_orthogonal(k // block, seed=k) if mix and k > block else None
+        self.register_buffer("mix", None if a is None else a.to(linear.weight.dtype))
+        w = linear.weight.detach().double().reshape(n, k // block, block) @ h.T
+        w = (w if a is None else a @ w).reshape(n, k)
         self.inner = nn.Linear(k, n, bias=linear.bias is not None, dtype=linear.weight.dtype)
         with torch.no_grad():
             self.inner.weight.copy_(w)
@@ -65,22 +81,28 @@ class RotatedLinear(nn.Module):
                 self.inner.bias.copy_(linear.bias)
 
     @classmethod
-    def around(cls, inner: nn.Linear, block: int) -> "RotatedLinear":
+    def around(cls, inner: nn.Linear, block: int, mix: bool = False) -> "RotatedLinear":
         """A ``RotatedLinear`` over ``inner``, whose weights are already ``W R^T`` (the
-        fused projections of ``transforms.fuse_projections``)."""
+        fused projections of ``transforms.fuse_projections``; ``mix``: the same seeded
+        cross-block rotation as ``__init__`` makes for this width)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.block = block
+        k = inner.in_features
         self.register_buffer("rotation", hadamard(block, inner.weight.dtype))
+        a = random_orthogonal(k // block, seed=k) if mix and k > block else None
+        self.register_buffer("mix", None if a is None else a.to(inner.weight.dtype))
         self.inner = inner
         return self
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.inner.in_features          # a Python int: traced shapes must not flow into reshape_bt
         if x.dim() == 3:        # the model's [B, T, k]: constant-shape reshapes in a traced graph
-            x = ops.reshape_bt(ops.reshape_bt(x, [k // self.block, self.block]) @ self.rotation.T, [k])
+            y = ops.reshape_bt(x, [k // self.block, self.block]) @ self.rotation.T
+            x = ops.reshape_bt(y if self.mix is None else self.mix @ y, [k])
         else:
-            x = (x.reshape(*x.shape[:-1], k // self.block, self.block) @ self.rotation.T).reshape(x.shape)
+            y = x.reshape(*x.shape[:-1], k // self.block, self.block) @ self.rotation.T
+            x = (y if self.mix is None else self.mix @ y).reshape(x.shape)
         return self.inner(x)
 
 
@@ -159,6 +181,45 @@ def smooth(model: nn.Module, amax: dict[str, Tensor], alpha: float = ALPHA) -> N
     _fold_into_affine(model.norm, [model.lm_head], smoothing_scale(amax["lm_head"], [model.lm_head.weight], alpha))
 
 
+def _read_rotated(norm: nn.Module, linears: list[nn.Linear], q: Tensor) -> None:
+    """Linears that read ``norm``'s output take its gain and the rotation: ``W diag(g) Q``."""
+    g = norm.weight.detach().double()
+    for lin in linears:
+        lin.weight.copy_((lin.weight.double() * g) @ q)
+    norm.weight.fill_(1.0)
+
+
+def _write_rotated(lin: nn.Linear, q: Tensor) -> None:
+    """A linear that adds to the residual stream writes it rotated: ``Q^T W``, ``b Q``."""
+    lin.weight.copy_(q.T @ lin.weight.double())
+    if lin.bias is not None:
+        lin.bias.copy_(lin.bias.double() @ q)
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, seed: int = 0) -> bool:
+    """The residual stream rotated by a random orthogonal ``Q`` (QuaRot's rotation, folded
+    into the weights: nothing is added to the graph). RMSNorm commutes with ``Q`` once its
+    gain moves into the linears that read it, so the embedding and every linear writing the
+    stream are multiplied by ``Q`` on the way in and every reader by ``Q^T``: the network is
+    the same function, and each linear reading the stream sees a row whose outlier channels
+    are spread over all channels. Only for RMSNorm models without a parallel residual
+    (LayerNorm's mean subtraction does not commute); returns whether it rotated."""
+    a = model.args
+    if a.norm != "rms" or a.parallel_residual or a.arch == "gpt_neox":
+        return False
+    q = random_orthogonal(a.hidden_size, seed)
+    model.embed.weight.copy_(model.embed.weight.double() @ q)
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        _read_rotated(layer.input_layernorm, _attn_inputs(attn), q)
+        _write_rotated(attn.dense if hasattr(attn, "dense") else attn.o_proj, q)
+        _read_rotated(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], q)
+        _write_rotated(mlp.down_proj, q)
+    _read_rotated(model.norm, [model.lm_head], q)
+    return True
+
+
 def block_for(k: int, block: int = BLOCK) -> int:
     """The largest power of two <= ``block`` that divides ``k`` (64 for real models)."""
     while k % block:
@@ -166,14 +227,16 @@ def block_for(k: int, block: int = BLOCK) -> int:
     return block
 
 
-def rotate(model: nn.Module, block: int = BLOCK, every_input: bool = False) -> None:
+def rotate(model: nn.Module, block: int = BLOCK, every_input: bool = False, mix: bool = False,
+           head: bool = True) -> None:
     """Block-Hadamard rotation of the inputs of the head and each layer's output linears
-    (``every_input``: of every linear of the layers)."""
+    (``every_input``: of every linear of the layers; ``mix``: across blocks too)."""
     def wrap(parent: nn.Module, name: str) -> None:
         lin = getattr(parent, name, None)
         if isinstance(lin, nn.Linear) and block_for(lin.in_features, block) >= 8:
-            setattr(parent, name, RotatedLinear(lin, block_for(lin.in_features, block)))
-    wrap(model, "lm_head")
+            setattr(parent, name, RotatedLinear(lin, block_for(lin.in_features, block), mix))
+    if head:
+        wrap(model, "lm_head")
     for layer in model.layers:
         for part in (layer.mlp, layer.attn):
             for name, child in list(part.named_children()):
@@ -182,15 +245,20 @@ def rotate(model: nn.Module, block: int = BLOCK, every_input: bool = False) -> N
 
 
 def prepare_for_int8(model: nn.Module, calibration_ids: np.ndarray, alpha: float = ALPHA,
-                     block: int = BLOCK, every_input: bool = False) -> nn.Module:
+                     block: int = BLOCK, every_input: bool = False, residual: bool = False,
+                     mix: bool = False) -> nn.Module:
     """A copy of ``model`` that computes the same function (up to float rounding)
-    with flatter linear inputs: smoothed on ``calibration_ids``, then rotated (``rotate``).
-    The head is untied from the embedding first (the embedding keeps its weights)."""
+    with flatter linear inputs: the residual stream rotated (``residual``, where the
+    architecture allows: ``rotate_residual``), smoothed on ``calibration_ids``, then the
+    remaining inputs rotated (``rotate``; the head's input is already flat when the
+    residual is rotated). The head is untied from the embedding first (the embedding keeps
+    its weights)."""
     model = copy.deepcopy(model).eval()
     if model.lm_head.weight is model.embed.weight:
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    rotated = residual and rotate_residual(model)
     smooth(model, input_absmax(model, calibration_ids), alpha)
-    rotate(model, block, every_input)
+    rotate(model, block, every_input, mix, head=not rotated)
     return model
 
 
