@@ -4,7 +4,8 @@ quantization and the outlier treatments of ``exporters/outliers.py``.
     python scripts/int8_outliers.py MODEL [--scheme pte|onnx] [--tokens 2048] [--alpha 0.5]
 
 ``pte``: torchao's 8da8w (XNNPACK's scheme: one int8 scale per token row, per-channel
-weights), plain / smoothed / smoothed + rotated (the ``.pte`` recipe).  ``onnx``:
+weights) and the int8 embedding, plain and after each outlier treatment, the last one the
+``.pte``'s (``executorch.PTE_OUTLIERS``); ``--recipes 0,6`` runs just those.  ``onnx``:
 onnxruntime's ``MatMulNBits`` int8 compute simulated (symmetric int8 weights and inputs,
 one scale per 32 values of a row), plain / the ``.pte`` recipe / every input rotated in
 32 x 32 blocks (the ONNX recipe).  No lowering: a recipe is judged in minutes.
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from dijiang_edge.conversion import convert
-from dijiang_edge.exporters.executorch import quantize
+from dijiang_edge.exporters.executorch import PTE_OUTLIERS, quantize
 from dijiang_edge.exporters.onnx import OUTLIER_BLOCK
 from dijiang_edge.exporters.outliers import ALPHA, calibration_ids, prepare_for_int8
 from dijiang_edge.parity import perplexity, text_ids
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--scheme", default="pte", choices=["pte", "onnx"])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--alpha", type=float, default=ALPHA, help="SmoothQuant migration strength")
+    ap.add_argument("--recipes", default="", help="comma list of recipe numbers to run (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = convert(a.model).eval()
@@ -84,15 +86,28 @@ def main() -> None:
     ppl = lambda lg: perplexity(lg[:-1], ids[1:])      # noqa: E731
     print(f"fp32 perplexity {ppl(ref):.2f}")
     if a.scheme == "pte":
-        recipes = [("plain", model), ("smoothed+rotated (.pte)", prepare_for_int8(model, calib, a.alpha))]
+        prep = lambda **kw: lambda: prepare_for_int8(model, calib, **{"alpha": a.alpha, **kw})   # noqa: E731
+        recipes = [("plain", lambda: model),
+                   ("smoothed, outputs rotated", prep()),
+                   ("smoothed, outputs rotated + mixed", prep(mix=True)),
+                   ("residual rotated", prep(residual=True)),
+                   ("every input rotated", prep(every_input=True)),
+                   ("every input rotated, alpha 0.65", prep(every_input=True, alpha=0.65)),
+                   ("the .pte recipe (PTE_OUTLIERS)", prep(**PTE_OUTLIERS))]
         run = lambda m: quantize(m, "8da8w", "8w")     # noqa: E731
     else:
         block = OUTLIER_BLOCK["int8"]
-        recipes = [("plain", model), ("smoothed+rotated (.pte recipe)", prepare_for_int8(model, calib, a.alpha)),
-                   ("every input rotated (ONNX)", prepare_for_int8(model, calib, a.alpha, block, every_input=True))]
+        recipes = [("plain", lambda: model),
+                   ("smoothed+rotated (.pte recipe)", lambda: prepare_for_int8(model, calib, a.alpha)),
+                   ("every input rotated (ONNX)", lambda: prepare_for_int8(model, calib, a.alpha, block,
+                                                                          every_input=True)),
+                   ("residual rotated, outputs in 32-blocks", lambda: prepare_for_int8(model, calib, a.alpha, block,
+                                                                                      residual=True))]
         run = onnx_int8
-    for name, m in recipes:
-        got = logits(run(m), model, ids)
+    for i, (name, make) in enumerate(recipes):
+        if a.recipes and str(i) not in a.recipes.split(","):
+            continue
+        got = logits(run(make()), model, ids)
         print(f"{name:<32} top-1 {np.mean(got.argmax(-1) == ref.argmax(-1)):.4f}  perplexity {ppl(got):.2f}",
               flush=True)
 

@@ -27,12 +27,18 @@ def test_unknown_quant_is_refused(bad):
         parse_quant(bad)
 
 
-def test_int8_embedding_is_per_row_and_close():
-    w = torch.randn(50, 16)
-    e = Int8Embedding(w)
+def test_int8_embedding_is_groupwise_and_close():
+    """One scale per 32 values of a row: an outlier channel costs only its own group."""
+    w = torch.randn(50, 64)
+    w[:, 3] *= 50                                   # one huge channel, as real embeddings have
+    e, per_row = Int8Embedding(w), Int8Embedding(w, group=64)
     ids = torch.arange(50)[None]
-    assert e.qweight.dtype == torch.int8
-    assert rel_err(e(ids)[0], w) < 1 / 127
+    assert e.qweight.dtype == torch.int8 and e.scale.shape == (50, 2)
+    rest = [c for c in range(64) if c >= 32]        # the group without the outlier
+    err = lambda m: rel_err(m(ids)[0][:, rest], w[:, rest])      # noqa: E731
+    assert err(e) < 1 / 127 and err(e) < 0.1 * err(per_row)
+    odd = torch.randn(5, 20)                          # 20 % 32 != 0: one group per row
+    assert rel_err(Int8Embedding(odd)(torch.arange(5)[None])[0], odd) < 1 / 127
 
 
 def _pos_table_model():

@@ -77,22 +77,31 @@ def quant_label(qlinear: str | None, qembedding: str | None) -> str:
 
 
 class Int8Embedding(nn.Module):
-    """Per-row symmetric int8 embedding built from plain ops (gather, then scale).
+    """Symmetric int8 embedding with one scale per ``group`` values of a row, built from
+    plain ops (gather, then scale).
 
     ExecuTorch's Python runtime registers no quantized embedding kernel and XNNPACK
     has no gather, so the table stays int8 and only the looked-up rows are
-    dequantized: any ExecuTorch runtime with the portable kernels runs it.
+    dequantized: any ExecuTorch runtime with the portable kernels runs it. Groups, not
+    one scale per row: a row's few large channels would otherwise set the step of all
+    the others (per-row scales cost the adapted SmolLM2 0.7 points of top-1 agreement,
+    ``docs/int8.md``); the scales add 1/8 of the int8 table at ``group=32``.
     """
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, group: int = 32):
         super().__init__()
         w = weight.detach().float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-        self.register_buffer("qweight", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
+        n, k = w.shape
+        self.group = group if k % group == 0 else k
+        wg = w.reshape(n, k // self.group, self.group)
+        scale = wg.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+        self.register_buffer("qweight", torch.round(wg / scale).clamp(-127, 127).to(torch.int8).reshape(n, k))
+        self.register_buffer("scale", scale.reshape(n, k // self.group))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.qweight).float() * F.embedding(ids, self.scale)
+        rows = F.embedding(ids, self.qweight).float()
+        rows = rows.reshape(*rows.shape[:-1], -1, self.group) * F.embedding(ids, self.scale)[..., None]
+        return rows.reshape(*rows.shape[:-2], -1)
 
 
 def _linear_config(qlinear: str):
@@ -100,6 +109,14 @@ def _linear_config(qlinear: str):
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
     dtype, gran = (torch.int8, PerAxis(0)) if qlinear == "8da8w" else (torch.int4, PerGroup(32))
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=gran)
+
+
+# The .pte's outlier treatment, chosen by measurement in eager PyTorch on the adapted default
+# (``scripts/int8_outliers.py default``, docs/int8.md): every linear's input rotated in
+# 64-blocks and across them (XNNPACK quantizes a whole row with one scale), SmoothQuant at 0.65.
+PTE_OUTLIERS = {"alpha": 0.65, "every_input": True, "mix": True}
+PTE_OUTLIERS_LABEL = ("smoothed (alpha 0.65) + rotated, every linear input, 64x64 Hadamard blocks "
+                      "mixed across blocks (outliers.py)")
 
 
 def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
@@ -111,7 +128,7 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
     the same function in fp32, much closer to it in int8."""
     if qlinear and calibration_ids is not None:
         from .outliers import prepare_for_int8
-        model = prepare_for_int8(model, calibration_ids)      # already a copy
+        model = prepare_for_int8(model, calibration_ids, **PTE_OUTLIERS)      # already a copy
     else:
         model = copy.deepcopy(model)
     tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed.weight
@@ -395,7 +412,7 @@ def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_l
                for n, s in zip(buffer_names(model), model.state_shapes(1))],
         checksums=M.checksums(out_dir, [name]),
         extras={"qlinear": facts["qlinear"], "qembedding": facts["qembedding"],
-                "int8_outliers": "smoothed + block-Hadamard rotated (outliers.py)" if calibrated else None,
+                "int8_outliers": PTE_OUTLIERS_LABEL if calibrated else None,
                 "max_seq_len": max_seq_len, "max_context_len": max_context_len, "graph": facts["graph"]})
     if parity_tokens > 0:
         check(model, out_dir, entry, parity_tokens, parity_text, memo)
