@@ -291,13 +291,15 @@ def route_options(exporters: dict[str, Callable], opts: dict[str, Any]) -> dict[
 
 
 def exporter(fmt: str) -> Callable[..., list[M.FileEntry]]:
+    from ..extras import EXPORTER_NEEDS, install_hint, require
     if fmt not in FORMATS:
         raise DiJiangError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    require(EXPORTER_NEEDS[fmt], f"the {fmt} exporter")     # its parity check's runtime included
     try:
         mod = import_module(f".{FORMATS[fmt]}", __name__)
     except ImportError as e:
         raise DiJiangError(f"the {fmt} exporter needs a package that is missing ({e.name}); "
-                           f"install it with `pip install 'dijiang-edge[{FORMATS[fmt]}]'`") from None
+                           f"install it with `{install_hint([(e.name or '').split('.')[0]])}`") from None
     return mod.export
 
 
