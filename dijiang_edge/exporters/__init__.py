@@ -28,6 +28,7 @@ except ImportError:                  # Windows: no flock; the commit is then a p
 
 from .. import manifest as M
 from ..errors import DiJiangError
+from ..progress import stage
 from ..manifest import read as read_manifest  # noqa: F401  (the exporters' readers: one function)
 
 MANIFEST = M.NAME
@@ -350,15 +351,20 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     if any(q != "fp32" for q in quants):
         check_texts(parity_text, calibration_text)         # int8 files calibrate: before any work
     routed = route_options(exporters, {**opts, "parity_text": parity_text, "calibration_text": calibration_text})
+    for fmt in exporters:                                  # option values no model is needed to judge
+        check = getattr(import_module(f".{FORMATS[fmt]}", __name__), "check_options", None)
+        if check:
+            check(**routed[fmt])
     check_out(out, force)
     model = convert(model_src, adapter=adapter, **(convert_options or {}))
     memo = Memo(model)
     with staged_dir(out, force) as tmp:
         save_tokenizer(tokenizer_source(model_src, model), tmp)
         files: list[M.FileEntry] = []
-        for fmt, fn in exporters.items():
-            for q in quants:
-                files += fn(model, tmp, quant=q, memo=memo, **routed[fmt])
+        jobs = [(fmt, q) for fmt in exporters for q in quants]
+        for i, (fmt, q) in enumerate(jobs, 1):
+            with stage("export", f"{fmt} {q} ({i} of {len(jobs)})", heartbeat=False):   # inner steps say more
+                files += exporters[fmt](model, tmp, quant=q, memo=memo, **routed[fmt])
         genai_record = _genai(model, tmp, files, target, routed["onnx"], memo) if "onnx" in exporters else None
         calibrated = any(f.get("int8_outliers") for f in files)
         manifest = M.Manifest(
