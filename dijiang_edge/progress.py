@@ -99,20 +99,19 @@ def stage(label: str, what: str, stream: TextIO | None = None, every: float | No
 def bar(items: Iterable[T], total: int, label: str, what: str, unit: str = "it",
         stream: TextIO | None = None, every: float | None = None) -> Iterator[T]:
     """``items`` with progress: tqdm on a terminal (where tqdm is installed), else a plain
-    ``[label] what: 3/40 unit, 2 min 10 s`` line every ``every`` seconds and a last one."""
+    ``[label] what: 3/40 unit, 2 min 10 s`` line every ``every`` seconds and, if the loop
+    lasted that long, a last one (a short loop adds nothing to a log)."""
     stream = stream or sys.stderr
-    if is_tty(stream):
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        if tqdm is not None:
-            yield from tqdm(items, total=total, desc=f"[{label}] {what}", unit=unit, file=stream,
-                            dynamic_ncols=True)
-            return
-    every = every or (TTY_SECONDS * 10 if is_tty(stream) else LOG_SECONDS)
+    meter = tty_meter(total, label, what, unit, stream)
+    if meter is not None:
+        with meter:
+            for item in items:
+                yield item
+                meter.update()
+        return
+    every = every or LOG_SECONDS
     t0 = last = time.perf_counter()
-    done = 0
+    done, said = 0, False
     for item in items:
         yield item
         done += 1
@@ -120,6 +119,32 @@ def bar(items: Iterable[T], total: int, label: str, what: str, unit: str = "it",
         if now - last >= every and done < total:
             stream.write(f"[{label}] {what}: {done}/{total} {unit}, {elapsed(now - t0)}\n")
             stream.flush()
-            last = now
-    stream.write(f"[{label}] {what}: {done}/{total} {unit}, done in {elapsed(time.perf_counter() - t0)}\n")
-    stream.flush()
+            last, said = now, True
+    if said:
+        stream.write(f"[{label}] {what}: {done}/{total} {unit}, done in {elapsed(time.perf_counter() - t0)}\n")
+        stream.flush()
+
+
+def tty_meter(total: int, label: str, what: str = "", unit: str = "it", stream: TextIO | None = None,
+              bar_format: str | None = None):
+    """A tqdm bar of ``total`` on a terminal, ``None`` in a log or without tqdm (the
+    caller then prints its own plain lines)."""
+    stream = stream or sys.stderr
+    if not is_tty(stream):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    sized = _sized(stream)     # a pty without a size (script, some CI runners) reports 0 x 0,
+    return tqdm(total=total, desc=f"[{label}] {what}".rstrip(), unit=unit, file=stream,  # where tqdm
+                bar_format=bar_format, dynamic_ncols=sized,                             # draws nothing
+                **({} if sized else {"ncols": 100, "nrows": 50}))
+
+
+def _sized(stream: TextIO) -> bool:
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return size.columns > 0 and size.lines > 0
