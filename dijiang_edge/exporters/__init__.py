@@ -342,6 +342,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     manifest; ``adapter``: as for ``conversion.convert`` (the manifest records which one
     was applied, or none).  Returns the manifest (also written to ``out/manifest.json``).
     """
+    from .. import chat_format
     from ..adapter import applied
     from ..conversion import convert
     from ..tokenizer import save_tokenizer
@@ -360,6 +361,8 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     memo = Memo(model)
     with staged_dir(out, force) as tmp:
         save_tokenizer(tokenizer_source(model_src, model), tmp)
+        chat = chat_format.write(tmp)                      # the Android app's turn pieces
+        print(f"[export] {chat_format.NAME}: {chat['source']}", file=sys.stderr, flush=True)
         files: list[M.FileEntry] = []
         jobs = [(fmt, q) for fmt in exporters for q in quants]
         for i, (fmt, q) in enumerate(jobs, 1):
@@ -375,6 +378,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
             adapter=applied(model),
             texts=M.Texts(parity=parity_text if any(f.parity for f in files) else None,
                           calibration=calibration_text if calibrated else None),
-            extras={"genai": genai_record} if genai_record else {})
+            extras={"chat_format": {"file": chat_format.NAME, "source": chat["source"]}}
+            | ({"genai": genai_record} if genai_record else {}))
         M.write(tmp, manifest)
     return manifest
