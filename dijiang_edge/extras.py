@@ -92,16 +92,20 @@ def command_needs(a: argparse.Namespace) -> tuple[str, ...]:
 
 def _bench_needs(a: argparse.Namespace) -> tuple[str, ...]:
     """``--attention-forms`` times PyTorch; timing folders needs each format's runtime (and
-    onnx, which counts the bytes a decode step reads); ``--native`` and ``--report`` nothing."""
+    onnx, which counts the bytes a decode step reads) and matplotlib for the report's plots,
+    as does ``--report``; ``--native`` nothing."""
     if getattr(a, "attention_forms", False):
         return ("torch",)
-    if getattr(a, "native", None) or getattr(a, "report", None):
+    if getattr(a, "native", None):
         return ()
+    if getattr(a, "report", None):
+        return ("matplotlib",)
     from .manifest import read
     formats = {f["format"] for d in [*(a.folders or []), *(a.baseline or [])] if _is_export_folder(d)
                for f in read(d)["files"]}
     wanted = _formats(a)
-    return sum((BENCH_NEEDS[f] for f in sorted(formats) if f in BENCH_NEEDS and (not wanted or f in wanted)), ())
+    return sum((BENCH_NEEDS[f] for f in sorted(formats) if f in BENCH_NEEDS and (not wanted or f in wanted)),
+               ()) + ("matplotlib",)
 
 
 def check_command(a: argparse.Namespace) -> None:

@@ -53,7 +53,7 @@ def test_bench_asks_for_the_torch_free_extra(tmp_path, capsys, without, monkeypa
     without("onnx")
     assert extras.command_needs(type("A", (), {"cmd": "bench", "attention_forms": False, "native": None,
                                                "report": None, "folders": [str(folder)], "baseline": None,
-                                               "formats": None})()) == ("onnxruntime", "onnx")
+                                               "formats": None})()) == ("onnxruntime", "onnx", "matplotlib")
     assert main(["bench", str(folder), "--no-baseline", "--out", str(tmp_path / "b")]) == 2
     assert "pip install 'dijiang-edge[bench]'" in _one_line(capsys)
 
