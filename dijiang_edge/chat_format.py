@@ -11,7 +11,8 @@ block, a BOS). ``user_suffix`` closes a user message and opens the assistant's r
 generation prompt). ``between`` closes a reply that ended at its EOS token and opens the
 next user message. A runner never feeds back the token it sampled last, so ``between``
 begins with the EOS text. The pieces come from rendering the tokenizer's own template
-(``tokenizer_config.json``'s ``chat_template`` or ``chat_template.jinja``) over sentinel
+(``tokenizer_config.json``'s ``chat_template`` or ``chat_template.jinja``, read and rendered
+by ``chat_template``, as ``dijiang-export chat`` does) over sentinel
 conversations of one, two and three turns. They are kept only if those renderings are
 exactly the concatenation above. A template that rewrites earlier turns fails that test.
 So does a folder with no template. Either gets a per-family format chosen by the
@@ -35,21 +36,6 @@ Render = Callable[[list[dict[str, str]], bool], str]
 
 class NotIncremental(ValueError):
     """The template's renderings are not first + user + suffix + reply + between + ..."""
-
-
-def template_of(folder: Path) -> str | None:
-    """The chat template of the tokenizer files in ``folder`` (``None``: it has none)."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    try:
-        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    t = cfg.get("chat_template") if isinstance(cfg, dict) else None
-    if isinstance(t, list):          # named templates: the default one
-        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-    return t if isinstance(t, str) and t.strip() else None
 
 
 def _conversation(turns: int) -> list[dict[str, str]]:
@@ -96,14 +82,15 @@ def family_format(vocab: set[str]) -> tuple[dict[str, str], str]:
             "plain: User:/Assistant: lines (no chat template; replies end at the EOS or the token limit)")
 
 
-def _renderer(folder: Path, template: str) -> Render:
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-
-    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                       add_generation_prompt=generation_prompt)
-    return render
+def _has_template(folder: Path) -> bool:
+    from .chat_template import CONFIG_FILE, TEMPLATE_FILE, _from_config
+    if (folder / TEMPLATE_FILE).exists():
+        return True
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(_from_config(cfg.get("chat_template")))
 
 
 def _vocab(folder: Path) -> set[str]:
@@ -112,16 +99,25 @@ def _vocab(folder: Path) -> set[str]:
 
 
 def derive(folder: str | Path) -> dict[str, Any]:
-    """The chat format of the tokenizer files in ``folder`` (an export or model folder)."""
+    """The chat format of the tokenizer files in ``folder`` (an export or model folder).
+    The template is read and rendered as ``dijiang-export chat`` does (``chat_template``:
+    jinja2 alone), so the pieces are those of the chat command too."""
+    from .chat_template import load_chat_template
+    from .errors import DiJiangError
     folder = Path(folder)
-    template, why = template_of(folder), "no chat template"
+    template, why = None, "no chat template"
+    if _has_template(folder):
+        try:
+            template = load_chat_template(folder)
+        except DiJiangError as e:                    # not valid Jinja, no jinja2
+            why = str(e).replace(str(folder), folder.name)
     if template is not None:
         try:
-            return {"version": VERSION, **pieces(_renderer(folder, template)), "source": "chat_template"}
+            return {"version": VERSION, **pieces(template.render), "source": "chat_template"}
         except NotIncremental as e:
             why = f"chat template not usable turn by turn: {e}"
-        except Exception as e:                       # a template that raises on our conversations
-            why = f"chat template failed to render ({type(e).__name__}: {str(e)[:120]})"
+        except DiJiangError as e:                    # a template that raises on our conversations
+            why = f"chat template failed to render ({str(e)[:160]})"
     fmt, source = family_format(_vocab(folder))
     return {"version": VERSION, **fmt, "source": source, "note": why}
 

@@ -77,7 +77,7 @@ def command_needs(a: argparse.Namespace) -> tuple[str, ...]:
     cmd = getattr(a, "cmd", None)
     model = str(getattr(a, "model", "") or "")
     gguf = ("gguf",) if model.endswith(".gguf") else ()
-    if cmd in ("convert", "evaluate") or (cmd == "generate" and not _is_export_folder(model)):
+    if cmd in ("convert", "evaluate") or (cmd in ("generate", "chat") and not _is_export_folder(model)):
         return TORCH + gguf
     if cmd in ("export", "export-baseline"):
         return TORCH + gguf + sum((EXPORTER_NEEDS.get(f, ()) for f in _formats(a)), ())

@@ -30,6 +30,7 @@ def _one_line(capsys) -> str:
 @pytest.mark.parametrize("argv, hidden, extra", [
     (["convert", "SRC", "--out", "OUT"], ("torch",), "torch"),
     (["generate", "SRC", "--prompt", "hi"], ("transformers",), "torch"),
+    (["chat", "SRC"], ("torch",), "torch"),
     (["export", "SRC", "--out", "OUT", "--formats", "pte"], ("executorch",), "executorch"),
     (["export", "SRC", "--out", "OUT", "--formats", "onnx"], ("onnxscript",), "onnx"),
     (["adapt", "SRC", "--data", "general", "--out", "OUT"], ("matplotlib",), "bench"),
