@@ -34,7 +34,14 @@ class MissingExtra(DiJiangError):
 
 def missing(modules: tuple[str, ...] | list[str]) -> list[str]:
     """The modules of ``modules`` that cannot be imported (found without importing them)."""
-    return [m for m in dict.fromkeys(modules) if importlib.util.find_spec(m) is None]
+    return [m for m in dict.fromkeys(modules) if not _installed(m)]
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):      # a finder that blocks it, a broken package
+        return False
 
 
 def install_hint(modules: list[str], extra: dict[str, str] | None = None) -> str:

@@ -1,7 +1,7 @@
 """``pip install 'dijiang-edge[runtime]'`` is the whole of what a device needs to run an
 exported ONNX folder: in a fresh venv (no system site packages, so no torch), the
 wheel of this checkout with its ``[runtime]`` extra, at the dependency floors
-``pyproject.toml`` declares, generates the same text as the full install; the commands
+``pyproject.toml`` declares, generates and chats the same text as the full install; the commands
 that build models say in one line which extra they need.
 
 pip reaches PyPI for numpy, tokenizers and onnxruntime (cached after the first run);
@@ -38,11 +38,12 @@ def _floors() -> list[str]:
     return [f"{m[1]}=={m[2]}" for m in pins]
 
 
-def _run(cmd: list, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def _run(cmd: list, cwd: Path, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
     """``cmd`` outside the checkout, with no PYTHONPATH: only the venv's own packages."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env |= {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+                       input=stdin)
     if check:
         assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p
@@ -81,8 +82,9 @@ def test_runtime_extra_installs_no_torch_at_the_floors(runtime_venv, folder, tmp
             "        raise SystemExit(m + ' is importable')\n"
             "    except ModuleNotFoundError:\n"
             "        pass\n"
-            "print(' '.join(f'{n}=={md.version(n)}' for n in ('numpy', 'tokenizers', 'onnxruntime')))\n")
-    got = _run([runtime_venv / "bin" / "python", "-c", code, folder], tmp_path)
+            "print(' '.join(f'{n}=={md.version(n)}' for n in sys.argv[2:]))\n")
+    names = [x.split("==")[0] for x in _floors()]
+    got = _run([runtime_venv / "bin" / "python", "-c", code, folder, *names], tmp_path)
     installed = dict(x.split("==") for x in got.stdout.split())
     assert {n: Version(v) for n, v in installed.items()} == \
         {n: Version(v) for n, v in (x.split("==") for x in _floors())}, got.stdout
@@ -97,6 +99,21 @@ def test_generate_in_the_runtime_venv_matches_the_full_install(runtime_venv, fol
     want = capsys.readouterr().out
     assert got.stdout == want and len(want.split()) == 3 + 8, (got.stdout, want)
     assert f"onnx {quant}" in got.stderr
+
+
+def test_chat_in_the_runtime_venv_matches_the_full_install(runtime_venv, chat_src, tmp_path, monkeypatch,
+                                                           capsys):
+    """``chat`` on an exported folder: its template rendered by jinja2 (a base dependency)."""
+    import io
+    folder = tmp_path / "chat"
+    export(str(chat_src), folder, ["onnx"], ["fp32"], convert_options={"chunk_size": 8}, parity_tokens=0)
+    turns = "w10 w11 w12\nw13 w14\n"
+    args = ["chat", folder, "--max-new-tokens", "4"]
+    got = _run([runtime_venv / "bin" / "dijiang-export", *args], tmp_path, stdin=turns)
+    monkeypatch.setattr("sys.stdin", io.StringIO(turns))
+    assert main([str(a) for a in args]) == 0
+    want = capsys.readouterr().out
+    assert got.stdout == want and len(want.splitlines()) == 2, (got.stdout, want, got.stderr[-2000:])
 
 
 def test_a_command_that_needs_torch_names_its_extra(runtime_venv, tiny_src, tmp_path):
