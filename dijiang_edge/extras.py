@@ -1,9 +1,10 @@
 """The optional libraries each command needs, checked before the command starts.
 
-The base install is torch-free (numpy and tokenizers: the manifest, the tokenizer, the
-argument checks); the rest comes with pip extras (``pyproject.toml``): ``[runtime]``
-(onnxruntime: running an exported ONNX folder), ``[torch]`` (converting, adapting,
-evaluating), ``[onnx]`` / ``[executorch]`` (exporting), ``[bench]`` (plots), ``[all]``.
+The base install is torch-free (numpy, tokenizers, jinja2: the manifest, the tokenizer,
+chat templates, the argument checks); the rest comes with pip extras (``pyproject.toml``):
+``[runtime]`` (onnxruntime: running an exported ONNX folder), ``[genai]``
+(onnxruntime-genai), ``[torch]`` (converting, adapting, evaluating), ``[onnx]`` /
+``[executorch]`` (exporting), ``[bench]`` (timing and plots), ``[all]``.
 A command whose library is missing says so in one line naming the extra, before any
 work: not a traceback, and not at the end of an hour of training.  Standard library
 only, so that it can run where nothing else is installed.
@@ -20,7 +21,7 @@ from .errors import DiJiangError
 EXTRA = {          # top-level module -> the extra that installs it
     "torch": "torch", "transformers": "torch", "safetensors": "torch", "gguf": "torch",
     "accelerate": "torch", "onnxruntime": "runtime", "onnx": "onnx", "onnxscript": "onnx",
-    "executorch": "executorch", "torchao": "executorch", "matplotlib": "bench",
+    "executorch": "executorch", "torchao": "executorch", "matplotlib": "bench", "onnxruntime_genai": "genai",
 }
 TORCH = ("torch", "transformers", "safetensors")
 EXPORTER_NEEDS = {"onnx": TORCH + ("onnx", "onnxscript", "onnxruntime"), "pte": TORCH + ("executorch",)}
