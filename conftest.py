@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +251,28 @@ def check_state_carried(session, lm: Counting, prefills: list[list[int]], greedy
     for k, turn in enumerate(turns):
         assert len(turn.reply) == MAX_NEW
         assert greedy(rendered_ids(session, k + 1)) == turn.reply, f"turn {k + 1}"
+
+REPO = Path(__file__).resolve().parent
+WHEEL_SOURCES = ("dijiang_edge", "export", "pyproject.toml", "README.md", "LICENSE")
+WHEEL_PROBE = "dijiang_edge/adapters/wheel-probe.safetensors"   # proves the adapters' package-data rule
+
+
+@pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory) -> Path:
+    """This checkout as a wheel, built offline from a copy of its sources (``pip wheel
+    --no-deps --no-build-isolation``), with an empty ``WHEEL_PROBE`` adapter in it."""
+    src = tmp_path_factory.mktemp("src")
+    for name in WHEEL_SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, src / name)
+    (src / WHEEL_PROBE).parent.mkdir(exist_ok=True)
+    (src / WHEEL_PROBE).write_bytes(b"")
+    dist = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")} | {"PIP_NO_INDEX": "1"}
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        str(src), "-w", str(dist)], cwd=src, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (whl,) = dist.glob("dijiang_edge-*.whl")
+    return whl

@@ -559,10 +559,18 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:          # argparse has printed its one line (or --help): its code, returned
         return int(e.code or 0)
     args.command_line = shlex.join(["dijiang-export", *(sys.argv[1:] if argv is None else argv)])
+    from .extras import check_command, import_error_line
     try:
+        check_command(args)              # a missing optional library: one line, before any work
         code = args.fn(args)
     except DiJiangError as e:
         print(f"dijiang-export: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:     # an optional library imported on a path check_command missed
+        line = import_error_line(e)
+        if line is None:
+            raise
+        print(f"dijiang-export: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:        # Terminated (SIGTERM) is one; a command may add what to do next
         what = "terminated" if isinstance(e, Terminated) else "interrupted"

@@ -84,12 +84,21 @@ class AfterImport:
         return spec
 
 
+def _installed(name: str) -> bool:
+    """``find_spec`` that counts a finder's ImportError (one that blocks the module, as a
+    test that hides torch does) as "not installed"."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def install() -> None:
     """Register now what transformers has loaded, and the rest when it loads it; nothing
     without both transformers and torch installed."""
     if any(f.__class__.__name__ == AfterImport.__name__ for f in sys.meta_path):
         return
-    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+    if not (_installed("transformers") and _installed("torch")):
         return
     pending = {}
     for name, hook in HOOKS.items():

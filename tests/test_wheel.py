@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import site
 import subprocess
 import sys
@@ -23,11 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import word_tokenizer
+from conftest import WHEEL_PROBE as PROBE, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("dijiang_edge", "export", "pyproject.toml", "README.md")
-PROBE = "dijiang_edge/adapters/wheel-probe.safetensors"
 
 
 def _run(cmd: list, cwd: Path, **kw) -> subprocess.CompletedProcess:
@@ -39,19 +36,9 @@ def _run(cmd: list, cwd: Path, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("src")
-    for name in SOURCES:
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(REPO / name, src / name)
-    (src / PROBE).parent.mkdir(exist_ok=True)      # proves the adapters' package-data rule packs a file
-    (src / PROBE).write_bytes(b"")
-    dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", src, "-w", dist], src)
-    (whl,) = dist.glob("dijiang_edge-*.whl")
-    return whl
+def wheel(project_wheel) -> Path:
+    """conftest's wheel of this checkout (built once per session)."""
+    return project_wheel
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +68,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def test_wheel_holds_every_module_and_the_shipped_files(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the Apache-2.0 text must travel"
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "dijiang_edge").rglob("*.py")}
     assert modules - names == set(), "pyproject.toml [tool.setuptools] packages misses these"
     adapters = {p.relative_to(REPO).as_posix() for p in (REPO / "dijiang_edge" / "adapters").glob("*.safetensors")}

@@ -195,7 +195,8 @@ class Adaptation:
         for name, blocks in self.heldout.items():
             if name not in done:
                 t = time.time()
-                done[name] = perplexity(logits_of, blocks, self.cfg.eval_batch, self.acc)
+                done[name] = perplexity(logits_of, blocks, self.cfg.eval_batch, self.acc,
+                                        f"{key}: perplexity on {name}")
                 self.eval_seconds += time.time() - t
                 if self.acc.is_main_process:
                     print(f"[eval] {key}: held-out perplexity {done[name]:,.4g} on {name} ({time.time() - t:.0f}s)",

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import DiJiangError
 from ..parity import nll_sum
+from ..progress import bar
 from .objectives import layer_attention
 from .teacher import AttentionTap, teacher_logits
 
@@ -22,12 +23,20 @@ def _my_blocks(blocks: torch.Tensor, acc) -> torch.Tensor:
     return blocks[acc.process_index::acc.num_processes]
 
 
+def _chunks(blocks: torch.Tensor, batch: int, acc, what: str):
+    """This process's batches of ``blocks``, with a progress bar on the main process
+    (held-out sets of 2,048-token blocks take minutes on a CPU)."""
+    chunks = _my_blocks(blocks, acc).split(batch)
+    return bar(chunks, len(chunks), "eval", what, "batches") if acc.process_index == 0 else chunks
+
+
 @torch.no_grad()
-def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch: int, acc) -> float:
+def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch: int, acc,
+               what: str = "held-out perplexity") -> float:
     """exp(mean next-token NLL) over every held-out block (``parity.nll_sum``, the NLL of
     the export-time perplexities too)."""
     sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
-    for chunk in _my_blocks(blocks, acc).split(batch):
+    for chunk in _chunks(blocks, batch, acc, what):
         chunk = chunk.to(acc.device)
         sums[0] += nll_sum(logits_of(chunk)[:, :-1], chunk[:, 1:])
         sums[1] += chunk[:, 1:].numel()
@@ -41,7 +50,7 @@ def layer_mse(student, tap: AttentionTap, blocks: torch.Tensor, batch: int, acc)
     n = student.args.n_layers
     sums = torch.zeros(2, n, dtype=torch.float64, device=acc.device)
     with tap.hooked():
-        for chunk in _my_blocks(blocks, acc).split(batch):
+        for chunk in _chunks(blocks, batch, acc, "layer attention error"):
             xs, ys = tap.run(chunk.to(acc.device))
             for i, (o, y) in enumerate(zip(layer_attention(student, xs), ys)):
                 sums[0, i] += (o.double() - y.double()).pow(2).sum()
@@ -104,10 +113,11 @@ def evaluate(model: Any, texts: Sequence[str | Path], *, seq_len: int = 256, eva
     for name, blocks in sets.items():
         if int(blocks.max()) >= student.args.vocab_size:
             raise DiJiangError("the tokenizer gives ids the model has no embedding for; use the model's own")
-        row = {"tokens": blocks.numel(), "model": perplexity(lambda x: student(x)[0], blocks, batch, acc)}
+        row = {"tokens": blocks.numel(), "model": perplexity(lambda x: student(x)[0], blocks, batch, acc,
+                                                                   f"model on {name}")}
         if t is not None:
             t.eval().to(acc.device)
-            row["teacher"] = perplexity(lambda x: teacher_logits(t, x), blocks, batch, acc)
+            row["teacher"] = perplexity(lambda x: teacher_logits(t, x), blocks, batch, acc, f"teacher on {name}")
             row["ratio"] = row["model"] / row["teacher"]
         if window_only:
             row["window_only"] = _window_only(student, blocks, batch, acc)
@@ -126,7 +136,7 @@ def _window_only(student: Any, blocks: torch.Tensor, batch: int, acc) -> float:
     try:
         for at in attns:
             at.linear_on = False
-        return perplexity(lambda x: student(x)[0], blocks, batch, acc)
+        return perplexity(lambda x: student(x)[0], blocks, batch, acc, "window alone")
     finally:
         for at in attns:
             at.linear_on = True

@@ -12,7 +12,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..progress import tty_meter
 from .data import BatchOrder, shard
+
+BAR_STEPS = 1000          # a terminal's bar counts the budget in thousandths
 
 
 @dataclass
@@ -75,7 +78,22 @@ class Loop:
     on_step: Callable[[StageProgress], None] | None = None
 
     def run(self, p: StageProgress, model: torch.nn.Module, opt: Any, step_fn) -> None:
+        """Steps until the budget is spent.  Progress: a bar over the budget on a terminal
+        (redrawn every step), a plain line every ``log_seconds`` in a log, and the last
+        line in both."""
         start, last_ckpt, last_log = time.time() - p.seconds, p.seconds, -1e9
+        self._bar = tty_meter(BAR_STEPS, p.stage, "budget", bar_format="{l_bar}{bar}|{postfix}") \
+            if self.acc.is_main_process else None
+        try:
+            self._steps(p, model, opt, step_fn, start, last_ckpt, last_log)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        p.done = True
+        self._log(p)
+
+    def _steps(self, p: StageProgress, model, opt, step_fn, start: float, last_ckpt: float, last_log: float) -> None:
         while True:
             p.seconds = self._synced(time.time() - start)
             if self.budget.spent(p):
@@ -93,11 +111,12 @@ class Loop:
                     (self.checkpoint_seconds and p.seconds - last_ckpt >= self.checkpoint_seconds):
                 self.save()
                 last_ckpt = p.seconds
-            if p.seconds - last_log >= self.log_seconds:
+            if self._bar is not None:
+                self._bar.n = int(BAR_STEPS * self.budget.fraction(p))
+                self._bar.set_postfix_str(self._summary(p), refresh=True)
+            elif p.seconds - last_log >= self.log_seconds:
                 self._log(p)
                 last_log = p.seconds
-        p.done = True
-        self._log(p)
 
     def _step(self, step: int, model, opt, step_fn) -> list[float]:
         ids = self.train_blocks[self.order.indices(step)]
@@ -115,15 +134,18 @@ class Loop:
         t = torch.tensor([seconds], dtype=torch.float64, device=self.acc.device)
         return float(self.acc.reduce(t, "max")) if self.acc.num_processes > 1 else seconds
 
-    def _log(self, p: StageProgress) -> None:
-        if not self.acc.is_main_process or not p.curve:
-            return
+    def _summary(self, p: StageProgress) -> str:
         last = p.curve[-1]
         tps = p.tokens / max(last["seconds"], 1e-3)
         left = self.budget.seconds_left(p)
         extra = "".join(f" {k} {last[k]:.4g}" for k in self.metric_names[1:])
-        print(f"[{p.stage}] step {p.step} | {p.tokens:,} tokens | {tps:,.0f} tok/s | loss {last['loss']:.4g}{extra}"
-              f" | {last['seconds']:.0f}s spent, {_fmt(left)} left", file=sys.stderr, flush=True)
+        return (f"step {p.step} | {p.tokens:,} tokens | {tps:,.0f} tok/s | loss {last['loss']:.4g}{extra}"
+                f" | {last['seconds']:.0f}s spent, {_fmt(left)} left")
+
+    def _log(self, p: StageProgress) -> None:
+        if not self.acc.is_main_process or not p.curve:
+            return
+        print(f"[{p.stage}] {self._summary(p)}", file=sys.stderr, flush=True)
 
 
 def _fmt(s: float) -> str:

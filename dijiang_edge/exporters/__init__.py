@@ -28,6 +28,7 @@ except ImportError:                  # Windows: no flock; the commit is then a p
 
 from .. import manifest as M
 from ..errors import DiJiangError
+from ..progress import stage
 from ..manifest import read as read_manifest  # noqa: F401  (the exporters' readers: one function)
 from .write_errors import check_writable, write_failure
 
@@ -296,13 +297,15 @@ def route_options(exporters: dict[str, Callable], opts: dict[str, Any]) -> dict[
 
 
 def exporter(fmt: str) -> Callable[..., list[M.FileEntry]]:
+    from ..extras import EXPORTER_NEEDS, install_hint, require
     if fmt not in FORMATS:
         raise DiJiangError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    require(EXPORTER_NEEDS[fmt], f"the {fmt} exporter")     # its parity check's runtime included
     try:
         mod = import_module(f".{FORMATS[fmt]}", __name__)
     except ImportError as e:
         raise DiJiangError(f"the {fmt} exporter needs a package that is missing ({e.name}); "
-                           f"install it with `pip install 'dijiang-edge[{FORMATS[fmt]}]'`") from None
+                           f"install it with `{install_hint([(e.name or '').split('.')[0]])}`") from None
     return mod.export
 
 
@@ -344,6 +347,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     manifest; ``adapter``: as for ``conversion.convert`` (the manifest records which one
     was applied, or none).  Returns the manifest (also written to ``out/manifest.json``).
     """
+    from .. import chat_format
     from ..adapter import applied
     from ..conversion import convert
     from ..tokenizer import save_tokenizer
@@ -353,15 +357,22 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
     if any(q != "fp32" for q in quants):
         check_texts(parity_text, calibration_text)         # int8 files calibrate: before any work
     routed = route_options(exporters, {**opts, "parity_text": parity_text, "calibration_text": calibration_text})
+    for fmt in exporters:                                  # option values no model is needed to judge
+        check = getattr(import_module(f".{FORMATS[fmt]}", __name__), "check_options", None)
+        if check:
+            check(**routed[fmt])
     check_out(out, force)
     model = convert(model_src, adapter=adapter, **(convert_options or {}))
     memo = Memo(model)
     with staged_dir(out, force) as tmp:
         save_tokenizer(tokenizer_source(model_src, model), tmp)
+        chat = chat_format.write(tmp)                      # the Android app's turn pieces
+        print(f"[export] {chat_format.NAME}: {chat['source']}", file=sys.stderr, flush=True)
         files: list[M.FileEntry] = []
-        for fmt, fn in exporters.items():
-            for q in quants:
-                files += fn(model, tmp, quant=q, memo=memo, **routed[fmt])
+        jobs = [(fmt, q) for fmt in exporters for q in quants]
+        for i, (fmt, q) in enumerate(jobs, 1):
+            with stage("export", f"{fmt} {q} ({i} of {len(jobs)})", heartbeat=False):   # inner steps say more
+                files += exporters[fmt](model, tmp, quant=q, memo=memo, **routed[fmt])
         genai_record = _genai(model, tmp, files, target, routed["onnx"], memo) if "onnx" in exporters else None
         calibrated = any(f.get("int8_outliers") for f in files)
         manifest = M.Manifest(
@@ -372,6 +383,7 @@ def export(model_src: str, out: str | Path, formats: list[str], quants: list[str
             adapter=applied(model),
             texts=M.Texts(parity=parity_text if any(f.parity for f in files) else None,
                           calibration=calibration_text if calibrated else None),
-            extras={"genai": genai_record} if genai_record else {})
+            extras={"chat_format": {"file": chat_format.NAME, "source": chat["source"]}}
+            | ({"genai": genai_record} if genai_record else {}))
         M.write(tmp, manifest)
     return manifest

@@ -13,6 +13,7 @@ configs: int8 = 8da8w linears + 8-bit per-row embedding).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from .. import manifest as M
 from ..errors import DiJiangError
+from ..progress import elapsed, stage
 from . import executorch as et
 
 MARKER = "softmax_kv_cache"
@@ -98,15 +100,17 @@ def metadata(lm, max_seq_len: int, max_context_len: int) -> dict[str, Any]:
 def build(lm, path: Path, quant: str, max_seq_len: int, max_context_len: int) -> dict:
     from torch.export import Dim
     t0 = time.time()
-    wrapper = StaticCacheLM(quantize(lm, quant), max_context_len).eval()
+    label = f"pte softmax {quant}"
+    with stage(label, "quantizing") if quant != "fp32" else contextlib.nullcontext():
+        wrapper = StaticCacheLM(quantize(lm, quant), max_context_len).eval()
     example = (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     try:
-        with torch.no_grad():
+        with stage(label, "torch.export of the graph"), torch.no_grad():
             ep = torch.export.export(wrapper, example, dynamic_shapes=({1: Dim("seq", min=1, max=max_seq_len)}, None),
                                      strict=False).run_decompositions({})
     except Exception as e:
         raise DiJiangError(f"torch.export of the softmax baseline failed ({type(e).__name__}: {str(e)[:300]})") from e
-    program = et.lower(ep, metadata(lm, max_seq_len, max_context_len))
+    program = et.lower(ep, metadata(lm, max_seq_len, max_context_len), label)
     path.write_bytes(program.buffer)
     return {"seconds": round(time.time() - t0, 1), "graph": et.delegated_fraction(program)}
 
@@ -116,7 +120,6 @@ def export(lm, out_dir: str | Path, quant: str = "fp32", parity_tokens: int = 64
     """Write ``softmax_<quant>.pte``; return its manifest entry (parity vs HF measured)."""
     out = Path(out_dir)
     name = f"softmax_{quant.replace('+', '_')}.pte"
-    print(f"[pte] lowering the softmax baseline ({quant}) ...", file=sys.stderr, flush=True)
     facts = build(lm, out / name, quant, max_seq_len, max_context_len)
     qlinear, qembedding = et.parse_quant(quant)
     e = M.FileEntry(
@@ -130,7 +133,8 @@ def export(lm, out_dir: str | Path, quant: str = "fp32", parity_tokens: int = 64
     if parity_tokens:
         from ..runtime.kv_cache import open as open_runner
         from .baseline import parity
-        e.parity = parity(lm.hf, open_runner(out, e, None), parity_tokens, lm.hf.config.vocab_size)
-    print(f"[pte] wrote {name} ({e.checksums[name]['bytes'] / 1e6:.1f} MB) in {facts['seconds']}s",
-          file=sys.stderr, flush=True)
+        with stage(f"pte softmax {quant}", f"parity of {name} vs the Hugging Face model"):
+            e.parity = parity(lm.hf, open_runner(out, e, None), parity_tokens, lm.hf.config.vocab_size)
+    print(f"[pte softmax {quant}] wrote {name} ({e.checksums[name]['bytes'] / 1e6:.1f} MB) in "
+          f"{elapsed(facts['seconds'])}", file=sys.stderr, flush=True)
     return [e]

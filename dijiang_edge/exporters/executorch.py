@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DiJiangError
+from ..progress import elapsed, stage
 from ..transforms import for_pte
 
 Tensor = torch.Tensor
@@ -120,27 +121,37 @@ PTE_OUTLIERS_LABEL = ("smoothed (alpha 0.65) + rotated, every linear input, 64x6
 
 
 def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
-             calibration_ids: np.ndarray | None = None) -> nn.Module:
+             calibration_ids: np.ndarray | None = None, label: str = "pte") -> nn.Module:
     """A quantized copy of ``model`` (the original is left as it is).
 
     Before dynamically quantized linears, activation outliers are smoothed and
     rotated away (``outliers.prepare_for_int8``, calibrated on ``calibration_ids``):
-    the same function in fp32, much closer to it in int8."""
+    the same function in fp32, much closer to it in int8.  ``label``: of the progress lines."""
+    if qlinear == "8da4w":                    # refused before any work
+        bad = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32]
+        if bad:
+            raise DiJiangError(f"8da4w quantizes in groups of 32 input channels; {bad[0]} has "
+                               f"{model.get_submodule(bad[0]).in_features}: use --qlinear 8da8w")
     if qlinear and calibration_ids is not None:
         from .outliers import prepare_for_int8
-        model = prepare_for_int8(model, calibration_ids, **PTE_OUTLIERS)      # already a copy
+        with stage(label, f"smoothing and rotating activation outliers ({len(calibration_ids)} tokens)"):
+            model = prepare_for_int8(model, calibration_ids, **PTE_OUTLIERS)      # already a copy
     else:
         model = copy.deepcopy(model)
+    if not (qlinear or qembedding):
+        return model
+    with stage(label, "quantizing " + " + ".join(x for x in (qlinear and f"linears {qlinear}",
+                                                             qembedding and f"embedding {qembedding}") if x)):
+        return _quantize_copy(model, qlinear, qembedding)
+
+
+def _quantize_copy(model: nn.Module, qlinear: str | None, qembedding: str | None) -> nn.Module:
+    """``quantize``'s second half, in place on a copy already made."""
     tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed.weight
     if qembedding:
         model.embed = Int8Embedding(model.embed.weight)
     if qlinear:
         from torchao.quantization.quant_api import quantize_
-        if qlinear == "8da4w":
-            bad = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32]
-            if bad:
-                raise DiJiangError(f"8da4w quantizes in groups of 32 input channels; {bad[0]} has "
-                                   f"{model.get_submodule(bad[0]).in_features}: use --qlinear 8da8w")
         if tied:             # the head gets its own (quantized) copy; the embedding keeps its own
             model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         quantize_(model, _linear_config(qlinear), filter_fn=lambda m, _: isinstance(m, nn.Linear))
@@ -221,8 +232,13 @@ def _user_frame(e: BaseException) -> str:
     return f"{Path(f.filename).name}:{f.lineno} `{(f.line or '').strip()}`"
 
 
-def export_graph(wrapper: RecurrentLM, max_seq_len: int) -> torch.export.ExportedProgram:
+def export_graph(wrapper: RecurrentLM, max_seq_len: int, label: str = "pte") -> torch.export.ExportedProgram:
     """``torch.export`` with ``T`` dynamic; a failure names the layer and the op."""
+    with stage(label, "torch.export of the graph"):
+        return _export_graph(wrapper, max_seq_len)
+
+
+def _export_graph(wrapper: RecurrentLM, max_seq_len: int) -> torch.export.ExportedProgram:
     from torch.export import Dim
     t = min(max_seq_len, 3) if max_seq_len > 1 else 1
     example = (torch.zeros(1, t, dtype=torch.long), torch.zeros(1, dtype=torch.long))
@@ -292,22 +308,26 @@ def xnnpack_partitioner():
     return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c.__name__ in XNNPACK_CONFIGS])
 
 
-def lower(ep: torch.export.ExportedProgram, metadata: dict[str, Any]):
-    """XNNPACK partitioning and ``to_executorch``; the state buffers keep their zeros."""
+def lower(ep: torch.export.ExportedProgram, metadata: dict[str, Any], label: str = "pte"):
+    """XNNPACK partitioning and ``to_executorch``; the state buffers keep their zeros.
+    The two halves are the long part of a ``.pte`` export (minutes each on a 135M model):
+    each is a progress stage."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     try:
-        edge = to_edge_transform_and_lower(
-            ep, partitioner=[xnnpack_partitioner()], constant_methods=metadata,
-            compile_config=EdgeCompileConfig(_check_ir_validity=False))
-        return edge.to_executorch(ExecutorchBackendConfig(
-            extract_delegate_segments=True,
-            passes=[InitializedMutableBufferPass(["state_", "window_"])],
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=True),
-            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-        ))
+        with stage(label, "lowering to XNNPACK"):
+            edge = to_edge_transform_and_lower(
+                ep, partitioner=[xnnpack_partitioner()], constant_methods=metadata,
+                compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        with stage(label, "memory planning and serializing (to_executorch)"):
+            return edge.to_executorch(ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                passes=[InitializedMutableBufferPass(["state_", "window_"])],
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=True),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            ))
     except Exception as e:
         raise DiJiangError(f"lowering to ExecuTorch/XNNPACK failed at {_user_frame(e)}: "
                            f"{type(e).__name__}: {str(e).strip()[:300]}") from e
@@ -339,18 +359,26 @@ def initialized_states(program, shape: list[int]) -> int:
                and v.val.data_buffer_idx > 0 and v.val.allocation_info is not None)
 
 
+def check_options(max_seq_len: int = MAX_SEQ_LEN, max_context_len: int = MAX_CONTEXT_LEN, **_: Any) -> None:
+    """The export options that need no model, refused before the model is converted."""
+    if max_seq_len < 1 or max_context_len <= max_seq_len:
+        raise DiJiangError(f"need 1 <= max_seq_len < max_context_len (got {max_seq_len}, {max_context_len}): "
+                           f"give --max-context above {max_seq_len}, the tokens a .pte takes per call")
+
+
 def build_pte(model: nn.Module, path: Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
               max_context_len: int = MAX_CONTEXT_LEN, calibration_ids: np.ndarray | None = None) -> dict[str, Any]:
     """Quantize, export, lower and write ``path``; returns facts for the manifest.
 
     ``calibration_ids``: text for the int8 outlier treatment (none: plain quantization)."""
-    if max_seq_len < 1 or max_context_len <= max_seq_len:
-        raise DiJiangError(f"need 1 <= max_seq_len < max_context_len (got {max_seq_len}, {max_context_len})")
+    check_options(max_seq_len, max_context_len)
     qlinear, qembedding = parse_quant(quant)
+    label = f"pte {quant}"
     t0 = time.time()
-    model = quantize(model.eval(), qlinear, qembedding, calibration_ids)
+    model = quantize(model.eval(), qlinear, qembedding, calibration_ids, label)
     wrapper = RecurrentLM(model).eval()
-    program = lower(export_graph(wrapper, max_seq_len), runner_metadata(model, max_seq_len, max_context_len))
+    program = lower(export_graph(wrapper, max_seq_len, label), runner_metadata(model, max_seq_len, max_context_len),
+                    label)
     shapes = model.state_shapes(1)
     n = sum(initialized_states(program, list(s)) for s in {tuple(s) for s in shapes})
     if n != len(shapes):
@@ -381,9 +409,10 @@ def check(model: nn.Module, out_dir: Path, entry, tokens: int, text: str, memo=N
     from ..runtime.executorch import PteRunner
     from . import memo_for
     ids, encoding = text_ids(_tokenizer(out_dir), model.args.vocab_size, tokens, text)
-    ref = memo_for(model, memo).get(("reference", text, len(ids)), lambda: Reference(model, ids))
-    runner = PteRunner(out_dir / entry.path, entry)
-    entry.parity = {"text": text, "encoding": encoding, **measure(model, runner, ids, ref=ref)}
+    with stage(f"pte {entry.quant}", f"parity of {entry.path} vs PyTorch on {len(ids)} tokens of {text}"):
+        ref = memo_for(model, memo).get(("reference", text, len(ids)), lambda: Reference(model, ids))
+        runner = PteRunner(out_dir / entry.path, entry)
+        entry.parity = {"text": text, "encoding": encoding, **measure(model, runner, ids, ref=ref)}
 
 
 def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_len: int = MAX_SEQ_LEN,
@@ -402,7 +431,11 @@ def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_l
     calibrated = parse_quant(quant)[0] is not None
     if calibrated:
         check_texts(parity_text, calibration_text)
-    calib = calibration_ids(model, out_dir, calibration_text) if calibrated else None
+    if calibrated:
+        with stage(f"pte {quant}", f"reading the calibration text ({calibration_text})"):
+            calib = calibration_ids(model, out_dir, calibration_text)
+    else:
+        calib = None
     facts = build_pte(model, out_dir / name, quant, max_seq_len, max_context_len, calib)
     entry = M.FileEntry(
         format="pte", quant=quant, path=name, role="both", attention="plain", default=True,
@@ -416,6 +449,6 @@ def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_l
                 "max_seq_len": max_seq_len, "max_context_len": max_context_len, "graph": facts["graph"]})
     if parity_tokens > 0:
         check(model, out_dir, entry, parity_tokens, parity_text, memo)
-    print(f"[pte] wrote {name} ({entry.checksums[name]['bytes'] / 1e6:.1f} MB) in {facts['seconds']}s",
-          file=sys.stderr)
+    print(f"[pte {quant}] wrote {name} ({entry.checksums[name]['bytes'] / 1e6:.1f} MB) in "
+          f"{elapsed(facts['seconds'])}", file=sys.stderr, flush=True)
     return [entry]

@@ -71,8 +71,9 @@ def open_entry(folder: str | Path, entry: M.FileEntry, manifest: M.Manifest, thr
     try:
         mod = import_module(f".{name}", __name__)
     except ImportError as e:
-        raise DiJiangError(f"running {entry['format']} files needs {e.name}; install it "
-                           f"(`pip install onnxruntime` or `pip install executorch`)") from None
+        from ..extras import install_hint
+        raise DiJiangError(f"running {entry['format']} files needs {e.name}, which is not installed; "
+                           f"install with `{install_hint([e.name.split('.')[0]])}`") from None
     return mod.open(Path(folder), entry, manifest, threads)
 
 

@@ -44,7 +44,8 @@ class ExecuTorchEngine(
                 error = "$message (ExecuTorch error $errorCode)"
             }
         }
-        // echo=false: the prompt is not streamed back; BOS/EOS: the chat template has none.
+        // echo=false: the prompt is not streamed back; no BOS/EOS added: a BOS the template wants is
+        // already in chat_format.json's first piece.
         module.generate(text, seqLen, callback, false, temperature, 0, 0)
         val json = statsJson ?: throw IllegalStateException(error ?: "the runner reported no stats")
         return RunnerStats.parse(json) ?: throw IllegalStateException("unreadable runner stats: $json")

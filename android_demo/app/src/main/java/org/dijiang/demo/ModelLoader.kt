@@ -1,5 +1,6 @@
 package org.dijiang.demo
 
+import org.dijiang.demo.core.ChatFormat
 import org.dijiang.demo.core.ChatSession
 import org.dijiang.demo.core.DemoConfig
 import org.dijiang.demo.core.PteMetadata
@@ -26,6 +27,11 @@ object ModelLoader {
         val metadata = readMetadata(model)
         metadata.problem()?.let { throw IllegalArgumentException("${model.name}: $it") }
         val eosTexts = SpecialTokens.fromTokenizerJson(tokenizer.readText()).contents(metadata.eosIds)
+        val chatFormat = File(config.chatFormatPath)
+        require(chatFormat.canRead()) {
+            "cannot read ${chatFormat.path}: push the export folder's ${ChatFormat.FILE_NAME} beside the model"
+        }
+        val format = ChatFormat.fromJson(chatFormat.readText())
         val manifest = File(config.manifestPath)
         val state = if (manifest.canRead()) {
             StateSize.fromManifest(manifest.readText(), model.name, metadata.nLayers)
@@ -34,7 +40,8 @@ object ModelLoader {
         }
         val seqLen = metadata.maxContextLen.coerceAtMost(Int.MAX_VALUE.toLong()).toInt()
         val engine = ExecuTorchEngine(model.path, tokenizer.path, config.temperature, seqLen)
-        return LoadedModel(config, engine, ChatSession(engine, eosTexts, metadata.maxContextLen), metadata, state)
+        val session = ChatSession(engine, eosTexts, metadata.maxContextLen, format)
+        return LoadedModel(config, engine, session, metadata, state)
     }
 
     private fun readable(path: String): File {

@@ -18,13 +18,15 @@ data class TurnResult(
 
 /**
  * A conversation over a stateful [LlmEngine]. Each turn feeds only what is new since the
- * last one (the end of the previous reply and the new user message), at the position
- * where the last turn stopped, so a turn costs the same however long the chat has grown.
+ * last one (the end of the previous reply and the new user message, in the model's own
+ * [format]), at the position where the last turn stopped, so a turn costs the same however
+ * long the chat has grown.
  *
  * The reply's last piece is never fed back by the runner, so the session owes it to the
- * state and feeds it first thing next turn: the EOS marker if the reply ended there, or
- * the cut-off piece plus the marker if a limit or the user stopped it. Fed in this order,
- * the texts equal the model's chat template over the whole conversation.
+ * state and feeds it first thing next turn: [ChatFormat.between] starts with the EOS text
+ * when the reply ended there; the cut-off piece comes before it if a limit or the user
+ * stopped the reply. Fed in this order, the texts equal the model's chat template over the
+ * whole conversation.
  *
  * [eosTexts] are the decoded texts of the .pte's get_eos_ids; an EOS piece ends the reply
  * and is not shown.
@@ -33,7 +35,7 @@ class ChatSession(
     private val engine: LlmEngine,
     private val eosTexts: Set<String>,
     private val maxContextLen: Long,
-    private val systemPrompt: String = ChatMl.DEFAULT_SYSTEM_PROMPT,
+    private val format: ChatFormat,
     private val nowNanos: () -> Long = { System.nanoTime() }
 ) {
     /** Tokens in the recurrent state so far (the runner's start position for the next turn). */
@@ -41,7 +43,7 @@ class ChatSession(
         private set
     var turns = 0
         private set
-    /** Text the state is owed before the next user message. */
+    /** Text the state is owed before the next turn's [ChatFormat.between]. */
     private var owed = ""
     @Volatile private var cancelled = false
 
@@ -61,7 +63,7 @@ class ChatSession(
 
     /** The text the next [send] of [message] will feed. */
     fun textFor(message: String): String =
-        (if (position == 0L) ChatMl.systemBlock(systemPrompt) else "") + owed + ChatMl.userTurn(message)
+        if (position == 0L) format.firstTurn(message) else owed + format.nextTurn(message)
 
     /**
      * Runs one turn and blocks until the reply ends; [onText] receives each visible piece
@@ -111,7 +113,7 @@ class ChatSession(
             // The runner stopped on an EOS id whose text it decoded to nothing.
             else -> EndReason.EOS
         }
-        owed = if (reason == EndReason.EOS) ChatMl.CLOSE_REPLY else lastPiece + ChatMl.CLOSE_REPLY
+        owed = if (reason == EndReason.EOS) "" else lastPiece
         return TurnResult(reply.toString(), reason, stats, text, position)
     }
 

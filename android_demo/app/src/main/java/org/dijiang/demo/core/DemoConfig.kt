@@ -12,6 +12,9 @@ data class DemoConfig(
     /** manifest.json beside the model, where an export folder keeps the state shapes. */
     val manifestPath: String get() = File(File(modelPath).absoluteFile.parentFile, "manifest.json").path
 
+    /** chat_format.json beside the model: the model's chat template in turn pieces ([ChatFormat]). */
+    val chatFormatPath: String get() = File(File(modelPath).absoluteFile.parentFile, ChatFormat.FILE_NAME).path
+
     sealed class Parsed {
         data class Ok(val config: DemoConfig) : Parsed()
         data class Invalid(val errors: List<String>) : Parsed()

@@ -6,17 +6,22 @@ import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
 import org.junit.Test
 
+/** The session over SmolLM2's format (its template: [ChatTemplateReference]); other templates: [ChatFormatTest]. */
 class ChatSessionTest {
-    private val eos = setOf(ChatMl.IM_END)
+    private val imEnd = "<|im_end|>"
+    private val eos = setOf(imEnd)
+    private val format = ChatFormatFixtures.SMOLLM2.format
+    private fun userTurn(message: String) = "<|im_start|>user\n$message<|im_end|>\n<|im_start|>assistant\n"
+    private val closeReply = "$imEnd\n"
 
     private fun session(runner: FakeRunner, maxContextLen: Long = 1L shl 20) =
-        ChatSession(runner, eos, maxContextLen)
+        ChatSession(runner, eos, maxContextLen, format)
 
     private fun ignore(): (String, Double?) -> Unit = { _, _ -> }
 
     @Test
     fun firstTurnFeedsSystemPromptAndUserTurnOnly() {
-        val runner = FakeRunner(listOf(listOf("Hi", "!", ChatMl.IM_END)))
+        val runner = FakeRunner(listOf(listOf("Hi", "!", imEnd)))
         val s = session(runner)
         val r = s.send("Hello", 64, 0f, ignore())
         assertEquals(ChatTemplateReference.render(listOf("user" to "Hello"), addGenerationPrompt = true), r.fedText)
@@ -27,9 +32,9 @@ class ChatSessionTest {
     @Test
     fun multiTurnFeedingEqualsTheTemplateOverTheWholeConversation() {
         val runner = FakeRunner(listOf(
-            listOf("Paris", ".", ChatMl.IM_END),
-            listOf("About ", "2M", ChatMl.IM_END),
-            listOf("Yes", ChatMl.IM_END)))
+            listOf("Paris", ".", imEnd),
+            listOf("About ", "2M", imEnd),
+            listOf("Yes", imEnd)))
         val s = session(runner)
         val history = ArrayList<Pair<String, String>>()
         for (question in listOf("Capital of France?", "Population?", "Sure?")) {
@@ -40,18 +45,18 @@ class ChatSessionTest {
             history.add("assistant" to r.reply)
         }
         // Only the closing marker of the last reply is still owed.
-        assertEquals(ChatTemplateReference.render(history, false), runner.fed.toString() + ChatMl.CLOSE_REPLY)
+        assertEquals(ChatTemplateReference.render(history, false), runner.fed.toString() + closeReply)
         assertEquals(0, runner.resets)
     }
 
     @Test
     fun laterTurnsFeedOnlyTheNewText() {
-        val runner = FakeRunner(listOf(listOf("a", ChatMl.IM_END), listOf("b", ChatMl.IM_END), listOf("c", ChatMl.IM_END)))
+        val runner = FakeRunner(listOf(listOf("a", imEnd), listOf("b", imEnd), listOf("c", imEnd)))
         val s = session(runner)
         val first = s.send("one", 8, 0f, ignore())
         val second = s.send("two", 8, 0f, ignore())
         val third = s.send("two", 8, 0f, ignore())
-        assertEquals(ChatMl.CLOSE_REPLY + ChatMl.userTurn("two"), second.fedText)
+        assertEquals(closeReply + userTurn("two"), second.fedText)
         assertFalse(second.fedText.contains("one"))
         // A turn's prompt does not grow with the conversation.
         assertEquals(second.stats.promptTokens, third.stats.promptTokens)
@@ -60,7 +65,7 @@ class ChatSessionTest {
 
     @Test
     fun positionFollowsTheRunnerStats() {
-        val runner = FakeRunner(listOf(listOf("x", "y", "z", ChatMl.IM_END), listOf("w", ChatMl.IM_END)))
+        val runner = FakeRunner(listOf(listOf("x", "y", "z", imEnd), listOf("w", imEnd)))
         val s = session(runner)
         val r1 = s.send("q", 64, 0f, ignore())
         assertEquals(runner.position, s.position)
@@ -72,7 +77,7 @@ class ChatSessionTest {
 
     @Test
     fun eosIsNeitherShownNorPartOfTheReply() {
-        val runner = FakeRunner(listOf(listOf("Hel", "lo", ChatMl.IM_END, "never")))
+        val runner = FakeRunner(listOf(listOf("Hel", "lo", imEnd, "never")))
         val shown = ArrayList<String>()
         val r = session(runner).send("hi", 64, 0f) { piece, _ -> shown.add(piece) }
         assertEquals(listOf("Hel", "lo"), shown)
@@ -82,7 +87,7 @@ class ChatSessionTest {
     @Test
     fun eosMergedIntoAPieceKeepsOnlyTheTextBeforeIt() {
         // The Android binding merges pieces while their UTF-8 is incomplete.
-        val runner = FakeRunner(listOf(listOf("caf", "é" + ChatMl.IM_END)), eos = "unused")
+        val runner = FakeRunner(listOf(listOf("caf", "é" + imEnd)), eos = "unused")
         val r = session(runner).send("hi", 64, 0f, ignore())
         assertEquals("café", r.reply)
         assertEquals(EndReason.EOS, r.endReason)
@@ -90,30 +95,30 @@ class ChatSessionTest {
 
     @Test
     fun eosDecodedToNothingStillEndsTheReplyAsEos() {
-        val runner = FakeRunner(listOf(listOf("ok", ChatMl.IM_END), listOf("fine", ChatMl.IM_END)), eosDecodesTo = "")
+        val runner = FakeRunner(listOf(listOf("ok", imEnd), listOf("fine", imEnd)), eosDecodesTo = "")
         val s = session(runner)
         val r = s.send("hi", 64, 0f, ignore())
         assertEquals("ok", r.reply)
         assertEquals(EndReason.EOS, r.endReason)
-        assertTrue(s.send("and?", 64, 0f, ignore()).fedText.startsWith(ChatMl.CLOSE_REPLY + ChatMl.IM_START + "user"))
+        assertTrue(s.send("and?", 64, 0f, ignore()).fedText.startsWith(closeReply + "<|im_start|>user"))
     }
 
     @Test
     fun maxTokensCutsTheReplyAndTheCutPieceIsFedNextTurn() {
-        val runner = FakeRunner(listOf(listOf("a", "b", "c", "d", ChatMl.IM_END), listOf("e", ChatMl.IM_END)))
+        val runner = FakeRunner(listOf(listOf("a", "b", "c", "d", imEnd), listOf("e", imEnd)))
         val s = session(runner)
         val r = s.send("q1", 3, 0f, ignore())
         assertEquals("abc", r.reply)
         assertEquals(EndReason.MAX_TOKENS, r.endReason)
         val next = s.send("q2", 3, 0f, ignore())
-        assertEquals("c" + ChatMl.CLOSE_REPLY + ChatMl.userTurn("q2"), next.fedText)
+        assertEquals("c" + closeReply + userTurn("q2"), next.fedText)
         val history = listOf("user" to "q1", "assistant" to "abc", "user" to "q2", "assistant" to "e")
-        assertEquals(ChatTemplateReference.render(history, false), runner.fed.toString() + ChatMl.CLOSE_REPLY)
+        assertEquals(ChatTemplateReference.render(history, false), runner.fed.toString() + closeReply)
     }
 
     @Test
     fun cancelStopsAfterTheNextPiece() {
-        val runner = FakeRunner(listOf(listOf("a", "b", "c", ChatMl.IM_END)))
+        val runner = FakeRunner(listOf(listOf("a", "b", "c", imEnd)))
         val s = session(runner)
         val r = s.send("q", 64, 0f) { piece, _ -> if (piece == "a") s.cancel() }
         assertEquals("a", r.reply)
@@ -122,7 +127,7 @@ class ChatSessionTest {
 
     @Test
     fun fullContextEndsTheReplyAndRefusesAnotherTurn() {
-        val prompt = ChatMl.systemBlock(ChatMl.DEFAULT_SYSTEM_PROMPT) + ChatMl.userTurn("q")
+        val prompt = format.firstTurn("q")
         val runner = FakeRunner(listOf(listOf("a", "b", "c", "d")), maxContextLen = prompt.length + 3L)
         val s = session(runner, maxContextLen = prompt.length + 3L)
         val r = s.send("q", 64, 0f, ignore())
@@ -138,7 +143,7 @@ class ChatSessionTest {
 
     @Test
     fun resetStartsOverWithTheSystemPrompt() {
-        val runner = FakeRunner(listOf(listOf("a", ChatMl.IM_END), listOf("b", ChatMl.IM_END)))
+        val runner = FakeRunner(listOf(listOf("a", imEnd), listOf("b", imEnd)))
         val s = session(runner)
         s.send("q1", 8, 0f, ignore())
         s.reset()
@@ -150,7 +155,7 @@ class ChatSessionTest {
 
     @Test
     fun runnerFailureResetsTheConversationAndRethrows() {
-        val runner = FakeRunner(listOf(listOf("a", ChatMl.IM_END), listOf("b", ChatMl.IM_END)), failOnCall = 1)
+        val runner = FakeRunner(listOf(listOf("a", imEnd), listOf("b", imEnd)), failOnCall = 1)
         val s = session(runner)
         s.send("q1", 8, 0f, ignore())
         try {
@@ -166,8 +171,8 @@ class ChatSessionTest {
     @Test
     fun liveRateComesWithThePiecesAndTheFinalRateFromTheStats() {
         var now = 0L
-        val runner = FakeRunner(listOf(listOf("a", "b", "c", ChatMl.IM_END)))
-        val s = ChatSession(runner, eos, 1L shl 20, nowNanos = { now += 50_000_000L; now })
+        val runner = FakeRunner(listOf(listOf("a", "b", "c", imEnd)))
+        val s = ChatSession(runner, eos, 1L shl 20, format, nowNanos = { now += 50_000_000L; now })
         val rates = ArrayList<Double?>()
         val r = s.send("q", 64, 0f) { _, rate -> rates.add(rate) }
         assertEquals(null, rates[0])

@@ -11,7 +11,7 @@ package org.dijiang.demo.core
  */
 class FakeRunner(
     private val replies: List<List<String>>,
-    private val eos: String = ChatMl.IM_END,
+    private val eos: String = "<|im_end|>",
     /** What the runner's tokenizer decodes the EOS id to (pytorch/tokenizers may give ""). */
     private val eosDecodesTo: String = eos,
     private val maxContextLen: Long = Long.MAX_VALUE,
