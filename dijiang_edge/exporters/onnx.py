@@ -16,11 +16,7 @@ P in fp32 (imported official checkpoints have one per layer).
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
 from pathlib import Path
-from typing import Iterator
 
 from .. import manifest as M
 from ..errors import DiJiangError
@@ -31,13 +27,11 @@ FILES = {"block": ("prefill", "prefill", "plain"), "step": ("decode", "decode", 
 DEFAULT = ("native", "block", "step")    # the first of these exported is the runner's default
 
 
-@contextlib.contextmanager
-def progress(msg: str) -> Iterator[None]:
-    """One line on stderr per long step, with its time: exports of 135M models take minutes."""
-    print(f"[onnx] {msg} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    yield
-    print(f"[onnx] {msg}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+def progress(msg: str):
+    """``progress.stage`` for the ONNX steps: a start line, the time it has run (redrawn on a
+    terminal, a line a minute in a log) and the time it took: exports of 135M models take minutes."""
+    from ..progress import stage
+    return stage("onnx", msg)
 
 
 def _trace(model, kind: str):
