@@ -419,3 +419,29 @@ def test_two_onnx_exports_have_equal_manifests_apart_from_created(tmp_path, tiny
     """Fast; the two .pte exports are runtime_tests/test_export_contract.py's (slow) test."""
     _same_apart_from_created(*_export_twice(tmp_path, tiny_src))
 
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_checkpoint_write_failure_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, code):
+    """A disk that fills (or a folder that turns read-only) while adapt writes a checkpoint:
+    one line naming the file, no ``.tmp`` left, the previous checkpoint still loads."""
+    import safetensors.torch
+    import torch
+
+    from dijiang_edge.adapt.checkpoint import Checkpointer
+    from dijiang_edge.errors import DiJiangError
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    ck = Checkpointer(tmp_path / "ck", {"seed": 0})
+    ck.save({"step": 1}, dict(m.named_parameters()), opt)
+
+    def full(tensors, path, *a, **k):
+        Path(path).write_bytes(b"half")                  # a partial file, as a full disk leaves
+        raise OSError(code, os.strerror(code), path)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(DiJiangError) as e:
+        ck.save({"step": 2}, dict(m.named_parameters()), opt)
+    assert "\n" not in str(e.value) and "checkpoint" in str(e.value) and os.strerror(code) in str(e.value)
+    assert not [p for p in ck.folder.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert ck.load()["run"] == {"step": 1}

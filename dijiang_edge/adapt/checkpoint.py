@@ -94,11 +94,23 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then a rename: a reader sees the old file or the new one. A full disk
+    or an unwritable folder is one line (the partial ``.tmp`` removed; the previous
+    checkpoint, if any, stays whole)."""
+    from ..exporters.write_errors import NO_SPACE, READ_ONLY, DENIED, error_number
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        code = error_number(e)
+        if code not in NO_SPACE | READ_ONLY | DENIED:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise DiJiangError(f"could not write the checkpoint {path}: {os.strerror(code)}; free some space "
+                           f"or choose another --checkpoint-dir (the previous checkpoint, if any, is whole)") from None
 
 
 class Checkpointer:
