@@ -55,6 +55,12 @@ def random_orthogonal(n: int, seed: int = 0) -> Tensor:
     return q * torch.sign(torch.diagonal(r))[None, :]
 
 
+def _cross_block(k: int, block: int, mix: bool) -> Tensor | None:
+    """The rotation across the ``k / block`` blocks of a width-``k`` input (float64), seeded by
+    the width so that every linear of that width, fused or not, gets the same one."""
+    return random_orthogonal(k // block, seed=k) if mix and k > block else None
+
+
 class RotatedLinear(nn.Module):
     """``linear(x)`` computed as ``inner(R x)`` with ``inner.weight = W R^T``.
 
@@ -70,7 +76,7 @@ class RotatedLinear(nn.Module):
         self.block = block
         h = hadamard(block, torch.float64)
         self.register_buffer("rotation", h.to(linear.weight.dtype))
-        a = random_orthogonal(k // block, seed=k) if mix and k > block else None
+        a = _cross_block(k, block, mix)
         self.register_buffer("mix", None if a is None else a.to(linear.weight.dtype))
         w = linear.weight.detach().double().reshape(n, k // block, block) @ h.T
         w = (w if a is None else a @ w).reshape(n, k)
@@ -90,7 +96,7 @@ class RotatedLinear(nn.Module):
         self.block = block
         k = inner.in_features
         self.register_buffer("rotation", hadamard(block, inner.weight.dtype))
-        a = random_orthogonal(k // block, seed=k) if mix and k > block else None
+        a = _cross_block(k, block, mix)
         self.register_buffer("mix", None if a is None else a.to(inner.weight.dtype))
         self.inner = inner
         return self
