@@ -31,8 +31,8 @@ class LM(Protocol):
 
 class RunnerLM:
     """An exported file's runner as an ``LM``.  Long inputs go in ``PREFILL_PIECE``-token
-    calls keeping only the last row, so memory does not grow with the prompt (a runner
-    returns every position's logits)."""
+    calls asking for the last row only (``keep=1``: the files compute the head there
+    alone), so memory does not grow with the prompt."""
 
     def __init__(self, runner: Runner, vocab_size: int):
         self.runner, self.vocab_size = runner, vocab_size
@@ -40,7 +40,7 @@ class RunnerLM:
     def feed(self, ids: list[int]) -> np.ndarray:
         arr = np.asarray([ids], dtype=np.int64)
         for i in range(0, arr.shape[1], PREFILL_PIECE):
-            logits = self.runner.forward(arr[:, i:i + PREFILL_PIECE])[0, -1].copy()
+            logits = self.runner.forward(arr[:, i:i + PREFILL_PIECE], keep=1)[0, -1].copy()
         return logits
 
     def reset(self) -> None:

@@ -23,14 +23,14 @@ def prefill_last(model: DiJiangForCausalLM, input_ids: Tensor, state: RecurrentS
     """The last position's logits ``[B, 1, V]`` after ``input_ids``, and the state.
 
     The prompt goes in pieces (the state carries between them, as between any two
-    calls), so memory does not grow with the prompt: a whole 100k-token prompt's logits
-    would be 20 GB with SmolLM2's vocabulary, and generation needs only the last row."""
+    calls), so memory does not grow with the prompt, and the head runs on each piece's
+    last position only: a whole 100k-token prompt's logits would be 20 GB with SmolLM2's
+    vocabulary, and generation needs only the last row."""
     if input_ids.shape[1] == 0:
         raise DiJiangError("the prompt is empty (no tokens); give some text")
     logits = None
     for i in range(0, input_ids.shape[1], piece):
-        logits, state = model(input_ids[:, i:i + piece], state)
-        logits = logits[:, -1:].clone()     # drop the piece's other rows now
+        logits, state = model(input_ids[:, i:i + piece], state, logits_to_keep=1)
     return logits, state
 
 

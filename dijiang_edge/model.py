@@ -537,21 +537,28 @@ class DiJiangForCausalLM(nn.Module):
     # -- forward -------------------------------------------------------------
     def forward(self, input_ids: Tensor, state: RecurrentState | None = None,
                 attention_mask: Tensor | None = None, form: str | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, logits_to_keep: int = 0):
         """Logits ``[B, T, V]`` and the state after these tokens.
 
         ``attention_mask`` (1 = token, 0 = padding) makes padded tokens invisible:
         they neither change the state nor advance the position, so left- or
         right-padded batches give each sequence its unpadded logits.
+        ``logits_to_keep`` (transformers' meaning): logits of the last that many
+        positions only, ``[B, k, V]`` (0: all); prefill wants 1, the head being a fifth
+        of a small model's work per position.
         """
+        if logits_to_keep < 0:
+            raise DiJiangError(f"logits_to_keep must be >= 0 (0: every position), got {logits_to_keep}")
         state = state if state is not None else self.init_state(input_ids.shape[0])
         if attention_mask is not None and self.args.window:
             out, new_state, h = self._compacted(input_ids, state, attention_mask, form)
+            out = out[:, -logits_to_keep:] if logits_to_keep else out
         else:
-            out, new_state, h = self._run(input_ids, state, attention_mask, form)
+            out, new_state, h = self._run(input_ids, state, attention_mask, form, logits_to_keep)
         return (out, new_state, h) if return_hidden else (out, new_state)
 
-    def _run(self, input_ids: Tensor, state: RecurrentState, attention_mask: Tensor | None, form: str | None):
+    def _run(self, input_ids: Tensor, state: RecurrentState, attention_mask: Tensor | None, form: str | None,
+             logits_to_keep: int = 0):
         b, t = input_ids.shape
         if attention_mask is None:
             valid = None
@@ -561,7 +568,8 @@ class DiJiangForCausalLM(nn.Module):
             steps = valid.long().cumsum(-1)
         positions = state.pos[:, None] + (steps - 1).clamp(min=0)
         h, new = self.hidden(input_ids, self.context(positions, valid, like=input_ids, form=form), state.layers)
-        return self.lm_head(h), RecurrentState(new, state.pos + steps[:, -1]), h
+        head_in = h[:, -logits_to_keep:] if logits_to_keep else h
+        return self.lm_head(head_in), RecurrentState(new, state.pos + steps[:, -1]), h
 
     def _compacted(self, input_ids: Tensor, state: RecurrentState, attention_mask: Tensor, form: str | None):
         """``_run`` with padding for a windowed model: each sequence's real tokens moved

@@ -15,6 +15,7 @@ custom op that ``register_onnx_symbolics`` maps to a single ONNX node:
 * ``rotate_half``   -> one ``Gather`` (RoPE's rotation as a constant permutation)
 * ``group_norm``    -> one ``LayerNormalization``
 * ``add_rms_norm``  -> one ``com.microsoft::SkipSimplifiedLayerNormalization``
+* ``last_positions`` -> one ``Slice`` (``logits_to_keep``: 0 keeps every position)
 """
 
 from __future__ import annotations
@@ -98,6 +99,22 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
     return rms_norm(s, weight, eps), s
 
 
+def last_positions(h: Tensor, keep: Tensor) -> Tensor:
+    """The last ``keep`` positions of ``h [B, T, ...]`` (``keep``: int64 ``[1]``; 0 keeps
+    all, as transformers' ``logits_to_keep``).  A graph input, so one ONNX file serves
+    prefill (the last position: no head over positions nobody reads) and scoring (all)."""
+    if torch.onnx.is_in_onnx_export():     # both exporters: a data-dependent length, one Slice
+        return _last_positions(h, keep)
+    return h[:, h.shape[1] - _kept(h, keep):]
+
+
+def _kept(h: Tensor, keep: Tensor) -> int:
+    k = int(keep.reshape(-1)[0])
+    if k < 0:
+        raise ValueError(f"logits_to_keep must be >= 0 (0: every position), got {k}")
+    return h.shape[1] if k == 0 else min(k, h.shape[1])
+
+
 # -- the custom ops seen by torch.onnx.export (reference bodies for tracing) ----------
 
 @torch.library.custom_op("dijiang_edge::keep2_reshape", mutates_args=())
@@ -139,6 +156,16 @@ def _append_ones(x: Tensor) -> Tensor:
 @_append_ones.register_fake
 def _(x):
     return x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+
+
+@torch.library.custom_op("dijiang_edge::last_positions", mutates_args=())
+def _last_positions(h: Tensor, keep: Tensor) -> Tensor:
+    return h[:, h.shape[1] - _kept(h, keep):].clone()
+
+
+@_last_positions.register_fake
+def _(h, keep):
+    return h.new_empty(h.shape[0], torch.library.get_ctx().new_dynamic_size(), *h.shape[2:])
 
 
 @torch.library.custom_op("dijiang_edge::group_norm", mutates_args=())
@@ -226,12 +253,27 @@ def _sym_skip_rms_norm(g, x, skip, weight, eps):
     return y, s
 
 
+def last_positions_translation():
+    """The dynamo exporter's onnxscript form of ``last_positions`` (the same Slice)."""
+    from onnxscript import opset18 as op
+
+    def last_positions(h, keep):
+        return op.Slice(h, op.Neg(keep), op.Constant(value_ints=[(1 << 63) - 1]), op.Constant(value_ints=[1]))
+    return last_positions
+
+
+def _sym_last_positions(g, h, keep):
+    # Slice(h, -keep, INT64_MAX, axis 1): -0 == 0 starts at the first position, keeping all
+    return g.op("Slice", h, g.op("Neg", keep), _const(g, [(1 << 63) - 1]), _const(g, [1]))
+
+
 SYMBOLICS = {"dijiang_edge::keep2_reshape": _sym_keep2_reshape,
              "dijiang_edge::repeat_heads": _sym_repeat_heads,
              "dijiang_edge::expand_bt": _sym_expand_bt,
              "dijiang_edge::append_ones": _sym_append_ones,
              "dijiang_edge::group_norm": _sym_group_norm,
-             "dijiang_edge::skip_rms_norm": _sym_skip_rms_norm}
+             "dijiang_edge::skip_rms_norm": _sym_skip_rms_norm,
+             "dijiang_edge::last_positions": _sym_last_positions}
 
 
 def register_onnx_symbolics(opset: int) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import dijiang_edge
+from dijiang_edge.errors import DiJiangError
 from dijiang_edge.bars import BARS
 from dijiang_edge.cli import main
 from dijiang_edge.exporters import export, read_manifest
@@ -104,7 +105,9 @@ def test_graph_contract(tiny_export, tiny_model, quant):
         assert ("MatMulNBits" in ops) == bool(quant)
         s = ort.InferenceSession(str(tiny_export / "onnx" / f"{name}.onnx"))
         n = tiny_model.args.n_layers
-        assert [i.name for i in s.get_inputs()] == ["input_ids", "start_pos"] + [f"past_recurrent.{i}" for i in range(n)]
+        keep = [] if name.startswith("decode") else ["logits_to_keep"]       # the graphs that take several tokens
+        assert [i.name for i in s.get_inputs()] == ["input_ids", "start_pos", *keep] + \
+            [f"past_recurrent.{i}" for i in range(n)]
         assert [o.name for o in s.get_outputs()] == ["logits"] + [f"present_recurrent.{i}" for i in range(n)]
 
 
@@ -143,6 +146,26 @@ def test_prefill_then_decode_equals_one_prefill(tiny_export, tiny_model, path):
     r.reset()
     r.block = 16                         # a prompt longer than a block: fed in exact chunks
     assert np.abs(r.forward(ids) - whole).max() <= 1e-5 * np.abs(whole).max()
+
+
+@pytest.mark.parametrize("path", ["onnx/prefill.onnx", "onnx/native.onnx"])
+def test_logits_to_keep_returns_the_last_rows(tiny_export, tiny_model, path):
+    """``keep``: the graphs' ``logits_to_keep``, across prefill blocks too; the state after
+    the call is the same whatever is kept."""
+    ids = _ids(tiny_model, 80)[None]
+    r = _runner(tiny_export, path)
+    whole, after = r.forward(ids), r.forward(ids[:, :1])
+    scale = np.abs(whole).max()
+    for block in (1 << 30, 16):
+        for keep in (1, 3, 20, 200):
+            r.reset()
+            r.block = block
+            got = r.forward(ids, keep=keep)
+            assert got.shape == (1, min(keep, 80), whole.shape[-1]), (block, keep)
+            assert np.abs(got - whole[:, -keep:]).max() <= 1e-5 * scale, (block, keep)
+            assert np.abs(r.forward(ids[:, :1]) - after).max() <= 1e-5 * scale
+    with pytest.raises(DiJiangError, match="keep must be >= 0"):
+        r.forward(ids, keep=-1)
 
 
 def test_batch_of_two_sequences(tiny_export, tiny_model):
@@ -302,7 +325,7 @@ def test_dynamo_exporter_gives_the_same_graph_function(tiny_model):
     import onnxruntime as ort
     from dijiang_edge.exporters.onnx_graph import to_onnx
     ids = _ids(tiny_model, 24)[None]
-    feeds = {"input_ids": ids, "start_pos": np.array([0]),
+    feeds = {"input_ids": ids, "start_pos": np.array([0]), "logits_to_keep": np.array([0]),
              **{f"past_recurrent.{i}": np.zeros(tiny_model.state_shape(1), np.float32)
                 for i in range(tiny_model.args.n_layers)}}
     out = [ort.InferenceSession(to_onnx(tiny_model, "native", e).SerializeToString()).run(None, feeds)[0]

@@ -104,6 +104,29 @@ def test_runner_constant_methods(tiny_export, tiny_model):
     assert meta.num_inputs() == 2 and meta.num_outputs() == 1
 
 
+def test_file_returns_the_last_position_and_runner_gives_every_row(tiny_export, tiny_model):
+    """The program's logits are ``[1, 1, V]`` (ExecuTorch's LLM export default); the
+    runner still gives every row (one token per call) or the last ``keep``."""
+    from executorch.runtime import Runtime
+    ids = _ids(tiny_export, tiny_model, 40)
+    fwd = Runtime.get().load_program(tiny_export / "model_fp32.pte").load_method("forward")
+    out = fwd.execute([torch.from_numpy(ids[None, :9]), torch.tensor([0])])[0]
+    assert tuple(out.shape) == (1, 1, tiny_model.args.vocab_size)
+    assert select(read_manifest(tiny_export), "pte", "fp32")["outputs"]["logits"]["shape"][1] == 1
+    with torch.no_grad():
+        ref = tiny_model(torch.from_numpy(ids[None]))[0].numpy()
+    scale = np.abs(ref).max()
+    for keep in (0, 1, 5, 40):
+        r = _runner(tiny_export)
+        got = r.forward(ids[None], keep=keep)
+        assert got.shape == (1, keep or 40, ref.shape[-1]), keep
+        assert np.abs(got - ref[:, -(keep or 40):]).max() <= BAR_FP32 * scale, keep
+        assert r.pos == 40
+    r = PteRunner(tiny_export / "model_fp32.pte")      # no manifest entry: one probe call tells
+    assert r.last_only and r.pos == 0
+    assert np.abs(r.forward(ids[None, :30], keep=2) - ref[:, 28:30]).max() <= BAR_FP32 * scale
+
+
 # -- state ----------------------------------------------------------------------------
 
 def test_start_pos_zero_is_a_fresh_start(tiny_export, tiny_model):

@@ -70,7 +70,7 @@ def test_wrapper_carries_state_and_resets_at_position_zero(hf_models, kind):
     ref = model(ids)[0]
     a = w(ids[:, :11], torch.tensor([0]))
     b = w(ids[:, 11:], torch.tensor([11]))
-    assert rel_err(torch.cat([a, b], 1), ref) < 1e-4
+    assert rel_err(torch.cat([a, b], 1), ref[:, [10, 29]]) < 1e-4      # each call's last position
     again = w(ids[:, :11], torch.tensor([0]))          # start_pos 0: the state is cleared
     assert torch.equal(again, a)
 

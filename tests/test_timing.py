@@ -17,12 +17,14 @@ class CountingRunner:
 
     def __init__(self):
         self.calls: list[list[int]] = []
+        self.keeps: list[int] = []
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, keep: int = 0) -> np.ndarray:
         self.calls.append(ids[0].tolist())
+        self.keeps.append(keep)
         logits = np.zeros((1, ids.shape[1], 10), np.float32)
         logits[0, -1, (int(ids[0, -1]) + 1) % 10] = 1.0
-        return logits
+        return logits[:, -keep:] if keep else logits
 
 
 def test_call_times_warm_up_off_the_clock():
@@ -44,6 +46,7 @@ def test_prefill_goes_in_calls_of_at_most_call_tokens():
     r = CountingRunner()
     timing.prefill_s(r, np.arange(23)[None], call=10)
     assert [len(c) for c in r.calls] == [10, 10, 3] and sum(r.calls, []) == list(range(23))
+    assert r.keeps == [1, 1, 1]          # each call asks for its last position only, as generation does
 
 
 def test_generation_clock_one_definition_of_tokens_per_s():

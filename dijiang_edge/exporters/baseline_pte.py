@@ -1,7 +1,7 @@
 """ExecuTorch export of the softmax baseline, the way ExecuTorch's own LLM export does it.
 
-``forward(tokens int64 [1, T], start_pos int64 [1]) -> logits [1, T, V]`` (the
-contract of the DiJiang ``.pte``), with a static KV cache per layer in mutable
+``forward(tokens int64 [1, T], start_pos int64 [1]) -> logits [1, 1, V]`` (the
+contract of the DiJiang ``.pte``: the last position's logits, as ExecuTorch's LLM export), with a static KV cache per layer in mutable
 buffers ``[1, max_context_len, kv_heads, head_dim]`` written by ExecuTorch's
 ``llama::update_cache`` and read by ``llama::custom_sdpa``, which attends over the
 first ``start_pos + T`` positions only: decode cost grows with the context as in a
@@ -84,7 +84,7 @@ class StaticCacheLM(nn.Module):
                 y = torch.ops.llama.custom_sdpa(q.transpose(1, 2).contiguous(), kc, vc, sp, None, 0, True)
                 return y.transpose(1, 2)
             x = lm.block(layer, x, cos, sin, attend)
-        return lm.head(x).float()
+        return lm.head(x[:, -1:]).float()
 
 
 def metadata(lm, max_seq_len: int, max_context_len: int) -> dict[str, Any]:
@@ -125,6 +125,7 @@ def export(lm, out_dir: str | Path, quant: str = "fp32", parity_tokens: int = 64
     e = M.FileEntry(
         format="pte", quant=quant, path=name, role="both", attention="softmax", default=True,
         inputs={"tokens": {"dtype": "int64", "shape": [1, "seq"]}, "start_pos": {"dtype": "int64", "shape": [1]}},
+        outputs={"logits": {"dtype": "float32", "shape": [1, 1, lm.hf.config.vocab_size]}},
         checksums=M.checksums(out, [name]),
         extras={"graph": "static_kv_cache", "qlinear": qlinear, "qembedding": qembedding,
                 "max_seq_len": max_seq_len, "max_context_len": max_context_len, "xnnpack": facts["graph"],

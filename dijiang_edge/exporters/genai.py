@@ -130,6 +130,9 @@ def genai_graph(mp, facts: M.ModelFacts, window: int):
         raise DiJiangError("this ONNX graph is not a dijiang-export graph with start_pos and past_recurrent.{i} "
                            "inputs; re-export the folder")
     front = _positions(graph)
+    if "logits_to_keep" in have:      # genai sizes logits [B, T, V] itself and picks the rows it needs
+        _drop(graph.input, "logits_to_keep")
+        _const(graph, "logits_to_keep", [0])
     back = []
     for i in range(facts.n_layers):
         _rename(graph, f"past_recurrent.{i}", PAST_REC % i)

@@ -88,20 +88,24 @@ def file_name(kind: str, quant: str) -> str:
     return f"onnx/{FILES[kind][0]}{'' if quant == 'fp32' else '_' + quant}.onnx"
 
 
-def io_spec(model) -> tuple[dict, dict]:
-    ins, outs = onnx_graph.io_names(model)
+def io_spec(model, kind: str) -> tuple[dict, dict]:
+    ins, outs = onnx_graph.io_names(model, kind)
     shapes = model.state_shapes(1)
     st = lambda names: [{"name": n, "dtype": "float32", "shape": ["batch", *s[1:]]} for n, s in zip(names, shapes)]
-    return ({"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
-             "start_pos": {"dtype": "int64", "shape": [1]}, "state": st(ins[2:])},
-            {"logits": {"dtype": "float32", "shape": ["batch", "seq", model.args.vocab_size]},
-             "state": st(outs[1:])})
+    keeps = onnx_graph.keeps_logits(kind)
+    spec = {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
+            "start_pos": {"dtype": "int64", "shape": [1]}}
+    if keeps:
+        spec["logits_to_keep"] = {"dtype": "int64", "shape": [1]}
+    spec["state"] = st([n for n in ins if n.startswith("past_")])
+    return spec, {"logits": {"dtype": "float32", "shape": ["batch", "kept" if keeps else 1, model.args.vocab_size]},
+                  "state": st(outs[1:])}
 
 
 def entry(model, out: Path, kind: str, quant: str, data: str, keep_head: bool, default: bool,
           treated: bool = False) -> M.FileEntry:
     path = file_name(kind, quant)
-    ins, outs = io_spec(model)
+    ins, outs = io_spec(model, kind)
     extras = {"graph": kind, "weights": data, "lm_head": "fp32" if keep_head or quant == "fp32" else quant,
               "int8_outliers": OUTLIERS if treated else None}
     if kind != "step":

@@ -10,9 +10,12 @@
   per-head log-space ``decay``, ``beta`` is folded into the keys, ``scale=1``.
 
 Every graph has the contract of DESIGN.md section 3: inputs ``input_ids`` int64
-``[batch, seq]``, ``start_pos`` int64 ``[1]``, ``past_recurrent.{i}`` (and with a window
+``[batch, seq]``, ``start_pos`` int64 ``[1]``, in the graphs that take several tokens
+``logits_to_keep`` int64 ``[1]`` (transformers' meaning: the logits of the last that many
+positions, 0 = all; prefill asks for 1, so the head, a fifth of SmolLM2-135M's work per
+position, runs once per call), ``past_recurrent.{i}`` (and with a window
 ``past_window_key.{i}``, ``past_window_value.{i}``: the ring of the last W keys and values);
-outputs ``logits`` and ``present_*`` of each.  RoPE is computed in-graph from the positions, and
+outputs ``logits`` ``[batch, kept, vocab]`` and ``present_*`` of each.  RoPE is computed in-graph from the positions, and
 each layer's projection ``P`` is a constant initializer.
 """
 
@@ -63,27 +66,35 @@ def native_translation(num_heads: int):
     return linear_attention
 
 
+def keeps_logits(kind: str) -> bool:
+    """Whether graphs of ``kind`` take ``logits_to_keep`` (those that take several tokens)."""
+    return kind != "step"
+
+
 class OnnxStep(nn.Module):
-    """``forward(input_ids, start_pos, *past_recurrent) -> (logits, *present_recurrent)``
-    over ``transforms.for_onnx(model, kind)``: the model itself, its core swapped for the
-    graph kind's and its projections fused."""
+    """``forward(input_ids, start_pos, [logits_to_keep,] *past_recurrent) -> (logits,
+    *present_recurrent)`` over ``transforms.for_onnx(model, kind)``: the model itself, its
+    core swapped for the graph kind's and its projections fused."""
 
     def __init__(self, model: DiJiangForCausalLM, kind: str):
         super().__init__()
         if kind not in KINDS:
             raise DiJiangError(f"unknown ONNX graph kind {kind!r}; choose one of {', '.join(KINDS)}")
         self.model = for_onnx(model, kind)
+        self.keeps = keeps_logits(kind)
 
-    def forward(self, input_ids: Tensor, start_pos: Tensor, *past: Tensor):
+    def forward(self, input_ids: Tensor, start_pos: Tensor, *rest: Tensor):
         m = self.model
+        keep, past = (rest[0], rest[1:]) if self.keeps else (None, rest)
         positions = (start_pos + torch.arange(input_ids.shape[1], device=input_ids.device))[None, :]
         h, present = m.hidden(input_ids, m.context(positions, like=input_ids), list(past))
-        return (m.lm_head(h), *present)
+        return (m.lm_head(h if keep is None else ops.last_positions(h, keep)), *present)
 
 
-def io_names(model: DiJiangForCausalLM) -> tuple[list[str], list[str]]:
+def io_names(model: DiJiangForCausalLM, kind: str = "block") -> tuple[list[str], list[str]]:
     names = model.state_names()
-    return ["input_ids", "start_pos"] + [f"past_{n}" for n in names], ["logits"] + [f"present_{n}" for n in names]
+    ins = ["input_ids", "start_pos"] + (["logits_to_keep"] if keeps_logits(kind) else [])
+    return ins + [f"past_{n}" for n in names], ["logits"] + [f"present_{n}" for n in names]
 
 
 @contextlib.contextmanager
@@ -108,17 +119,22 @@ def _symbolic_linear_attention(g, q, k, v, state, log_gate):
 def _example(model: DiJiangForCausalLM, kind: str):
     seq = 1 if kind == "step" else 3
     past = tuple(torch.zeros(s) for s in model.state_shapes(2))
-    return (torch.zeros(2, seq, dtype=torch.long), torch.zeros(1, dtype=torch.long), *past)
+    keep = (torch.zeros(1, dtype=torch.long),) if keeps_logits(kind) else ()
+    return (torch.zeros(2, seq, dtype=torch.long), torch.zeros(1, dtype=torch.long), *keep, *past)
+
+
+def _state_inputs(ins: list[str]) -> list[str]:
+    return [n for n in ins if n.startswith("past_")]
 
 
 def _torchscript(model: DiJiangForCausalLM, kind: str):
     """The TorchScript exporter: ~20x faster than dynamo here, which matters on 2 cores,
     and the one that maps ``ops``' helpers to single nodes (~30 per layer)."""
     import onnx
-    ins, outs = io_names(model)
+    ins, outs = io_names(model, kind)
     seq = {} if kind == "step" else {1: "seq"}
-    dyn = {"input_ids": {0: "batch", **seq}, "logits": {0: "batch", **seq}}
-    dyn.update({n: {0: "batch"} for n in ins[2:] + outs[1:]})
+    dyn = {"input_ids": {0: "batch", **seq}, "logits": {0: "batch", **({} if kind == "step" else {1: "kept"})}}
+    dyn.update({n: {0: "batch"} for n in _state_inputs(ins) + outs[1:]})
     torch.onnx.register_custom_op_symbolic("dijiang_edge::gated_linear_attention",
                                            _symbolic_linear_attention, OPSET)
     ops.register_onnx_symbolics(OPSET)
@@ -131,11 +147,13 @@ def _torchscript(model: DiJiangForCausalLM, kind: str):
 
 def _dynamo(model: DiJiangForCausalLM, kind: str):
     """The torch.export-based exporter (the future default of torch.onnx)."""
-    ins, outs = io_names(model)
+    ins, outs = io_names(model, kind)
     batch = torch.export.Dim("batch", min=1, max=1024)
     tok = {0: batch} if kind == "step" else {0: batch, 1: torch.export.Dim("seq", min=1, max=1 << 20)}
-    shapes = (tok, None, tuple({0: batch} for _ in model.state_names()))
-    table = {torch.ops.dijiang_edge.gated_linear_attention.default: native_translation(model.args.n_heads)}
+    keep = (None,) if keeps_logits(kind) else ()          # forward(input_ids, start_pos, *rest)
+    shapes = (tok, None, (*keep, *({0: batch} for _ in model.state_names())))
+    table = {torch.ops.dijiang_edge.gated_linear_attention.default: native_translation(model.args.n_heads),
+             torch.ops.dijiang_edge.last_positions.default: ops.last_positions_translation()}
     prog = torch.onnx.export(OnnxStep(model, kind).eval(), _example(model, kind), dynamo=True,
                              input_names=ins, output_names=outs, opset_version=OPSET,
                              dynamic_shapes=shapes, custom_translation_table=table,

@@ -3,8 +3,9 @@
 A runner keeps one sequence's recurrent state and position between calls::
 
     r = open_export("out/smollm2", format="onnx", quant="fp32")
-    logits = r.forward(np.array([[1, 2, 3]]))    # prefill, [1, T, V] float32
+    logits = r.forward(np.array([[1, 2, 3]]))    # every position's logits, [1, T, V] float32
     logits = r.forward(np.array([[4]]))          # decode one token, state carried
+    logits = r.forward(ids, keep=1)              # prefill: the last position's only, [1, 1, V]
     r.reset()                                     # start a new sequence
 
 Each format module provides ``open(folder, entry, threads) -> Runner``.
@@ -29,7 +30,9 @@ class Runner(Protocol):
 
     def reset(self) -> None: ...
 
-    def forward(self, ids: np.ndarray) -> np.ndarray: ...
+    def forward(self, ids: np.ndarray, keep: int = 0) -> np.ndarray:
+        """Logits of the last ``keep`` positions of ``ids`` (0: all), the state carried."""
+        ...
 
 
 PREFILL_PIECE = 512     # prompt tokens per prefill call (``decoding``): bounds the logits held

@@ -60,7 +60,7 @@ def set_threads(threads: int) -> None:
 
 
 class PteRunner:
-    """One sequence through a ``.pte``: ``forward(ids [1, T]) -> logits [1, T, V]``.
+    """One sequence through a ``.pte``: ``forward(ids [1, T], keep=0) -> logits [1, T or keep, V]``.
 
     Inputs longer than the file's ``get_max_seq_len`` go in several calls, as the
     stock runner does with long prompts.
@@ -82,6 +82,7 @@ class PteRunner:
                                "the file is damaged, or this executorch is older than the one that wrote it: "
                                "re-export it") from None
         self.pos = 0
+        self._last_only: bool | None = None
 
     def _load_methods(self, path: Path, marker: str) -> None:
         names = self.program.method_names
@@ -102,22 +103,58 @@ class PteRunner:
     def reset(self) -> None:
         self.pos = 0
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    @property
+    def last_only(self) -> bool:
+        """Whether the file returns the last position's logits only (``[1, 1, V]``, as
+        ExecuTorch's own LLM exports do; files of this project since it has
+        ``logits_to_keep``): the entry's logits shape says, else one probe call."""
+        if self._last_only is None:
+            shape = ((self.entry.get("outputs") or {}).get("logits") or {}).get("shape") or []
+            if len(shape) == 3 and shape[1] in (1, "seq"):
+                self._last_only = shape[1] == 1
+            else:
+                import torch
+                ids = torch.zeros(1, min(2, self.max_seq_len), dtype=torch.long)
+                out = self.method.execute([ids, torch.tensor([0], dtype=torch.long)])[0]
+                self._last_only, self.pos = out.shape[1] == 1 < ids.shape[1], 0   # start_pos 0 resets
+        return self._last_only
+
+    def _call(self, ids: np.ndarray) -> np.ndarray:
+        """One or more ``forward`` calls on ``ids`` (``max_seq_len`` at most each); the
+        last call's logits."""
         import torch
+        for s in range(0, ids.shape[1], self.max_seq_len):
+            chunk = torch.from_numpy(np.ascontiguousarray(ids[:, s:s + self.max_seq_len], dtype=np.int64))
+            logits = self.method.execute([chunk, torch.tensor([self.pos], dtype=torch.long)])[0]
+            self.pos += chunk.shape[1]
+        return logits.numpy().copy()
+
+    def forward(self, ids: np.ndarray, keep: int = 0) -> np.ndarray:
+        """Logits of the last ``keep`` positions of ``ids`` (0: all).  A file that returns
+        the last position only gives the earlier rows one token per call: the same
+        function (the recurrent and chunked forms agree), at decode speed."""
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise DiJiangError(f"token ids must have shape [1, T] with T >= 1 (got {list(ids.shape)})")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise DiJiangError(f"token ids must lie in [0, {self.vocab_size}) for this model "
                                f"(got {int(ids.min())}..{int(ids.max())})")
-        outs = []
-        for s in range(0, ids.shape[1], self.max_seq_len):
-            chunk = torch.from_numpy(np.ascontiguousarray(ids[:, s:s + self.max_seq_len], dtype=np.int64))
-            start = torch.tensor([self.pos], dtype=torch.long)
-            logits = self.method.execute([chunk, start])[0]
-            outs.append(logits.numpy().copy())
-            self.pos += chunk.shape[1]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+        if keep < 0:
+            raise DiJiangError(f"keep must be >= 0 (0: every position), got {keep}")
+        t = ids.shape[1]
+        need = min(keep, t) or t
+        if not self.last_only:          # a file that returns every row: the wanted ones, in max_seq_len calls
+            if need < t:
+                self._call(ids[:, :t - need])
+            return self._all_rows(ids[:, t - need:])
+        rows = [self._call(ids[:, :t - need + 1])[:, -1:]]
+        rows += [self._call(ids[:, j:j + 1]) for j in range(t - need + 1, t)]
+        return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=1)
+
+    def _all_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Every row's logits from a file that returns them all, ``max_seq_len`` per call."""
+        return np.concatenate([self._call(ids[:, s:s + self.max_seq_len])
+                               for s in range(0, ids.shape[1], self.max_seq_len)], axis=1)
 
 
 def open(folder: Path, entry: FileEntry, manifest: Manifest, threads: int = 0) -> PteRunner:  # noqa: A001

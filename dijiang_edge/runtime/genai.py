@@ -62,8 +62,9 @@ class GenaiRunner:
         """Start a new sequence: genai zeroes the recurrent state (``rewind_to(0)``)."""
         self.generator.rewind_to(0)
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
-        """Logits ``[1, T, V]`` of ``ids [1, T]``, the state carried from the last call.
+    def forward(self, ids: np.ndarray, keep: int = 0) -> np.ndarray:
+        """Logits ``[1, T, V]`` of ``ids [1, T]`` (the last ``keep`` rows; 0: all), the
+        state carried from the last call.
         Calls of at most the config's ``chunk_size`` tokens: genai keeps the logits of
         its last chunk only."""
         ids = input_ids(ids, self.vocab_size)
@@ -73,4 +74,5 @@ class GenaiRunner:
         for i in range(0, ids.shape[1], self.chunk):
             self.generator.append_tokens(ids[0, i:i + self.chunk].astype(np.int32))
             parts.append(np.array(self.generator.get_output("logits"), np.float32))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return out[:, -keep:] if keep else out

@@ -46,12 +46,14 @@ class KvOnnxRunner:
         self.cache, self.pos = out[1:], self.pos + t
         return out[0]
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, keep: int = 0) -> np.ndarray:
+        """Logits of the last ``keep`` positions (0: all); the graph computes every row."""
         ids = input_ids(ids, self.vocab_size)
         if self.pos == 0 and ids.shape[0] != self.cache[0].shape[0]:
             self.reset(ids.shape[0])
         parts = [self._run(ids[:, i:i + self.block]) for i in range(0, ids.shape[1], self.block)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return out[:, -keep:] if keep else out
 
 
 def open(folder: Path, entry: dict, manifest: dict, threads: int = 0):   # noqa: A001

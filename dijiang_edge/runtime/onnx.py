@@ -55,7 +55,9 @@ def companion(manifest: Manifest, entry: FileEntry, role: str) -> FileEntry:
 
 
 class OnnxRunner:
-    """One sequence: ``forward(ids [B, T]) -> logits [B, T, V]``, state carried between calls."""
+    """One sequence: ``forward(ids [B, T], keep=0) -> logits [B, T or keep, V]``, state
+    carried between calls.  ``keep`` goes to the graphs as ``logits_to_keep`` (files
+    exported before that input existed return every row, and the runner slices)."""
 
     def __init__(self, folder: Path, entry: FileEntry, manifest: Manifest, threads: int = 0, verify: bool = True,
                  spin: bool = True):
@@ -67,6 +69,7 @@ class OnnxRunner:
         self.decode = self.prefill if self.decode_entry is self.prefill_entry else \
             session(folder, self.decode_entry, threads, verify, spin)
         self.block = int(self.prefill_entry.get("prefill_block", 0)) or 1 << 30
+        self.keeps = {id(x): "logits_to_keep" in {i.name for i in x.get_inputs()} for x in (self.prefill, self.decode)}
         self.state_names = [s["name"] for s in entry["inputs"]["state"]]
         self.state_shapes = [list(s["shape"][1:]) for s in entry["inputs"]["state"]]
         self.reset()
@@ -76,20 +79,32 @@ class OnnxRunner:
         self.state = [np.zeros([batch, *s], np.float32) for s in self.state_shapes]
         self.pos = 0
 
-    def _run(self, sess, ids: np.ndarray) -> np.ndarray:
+    def _run(self, sess, ids: np.ndarray, keep: int = 0) -> np.ndarray:
         feed = {"input_ids": ids, "start_pos": np.array([self.pos], np.int64)}
+        if self.keeps[id(sess)]:
+            feed["logits_to_keep"] = np.array([keep], np.int64)
         feed.update(zip(self.state_names, self.state))
         out = sess.run(None, feed)
         self.state, self.pos = out[1:], self.pos + ids.shape[1]
-        return out[0]
+        return out[0][:, -keep:] if keep else out[0]
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, keep: int = 0) -> np.ndarray:
+        """Logits of the last ``keep`` positions of ``ids`` (0: every position)."""
         ids = input_ids(ids, self.vocab_size)
+        if keep < 0:
+            raise DiJiangError(f"keep must be >= 0 (0: every position), got {keep}")
         if self.pos == 0 and ids.shape[0] != self.state[0].shape[0]:
             self.reset(ids.shape[0])
         if ids.shape[1] == 1:
             return self._run(self.decode, ids)
-        parts = [self._run(self.prefill, ids[:, i:i + self.block]) for i in range(0, ids.shape[1], self.block)]
+        t, need = ids.shape[1], min(keep, ids.shape[1]) or ids.shape[1]
+        parts = []
+        for i in range(0, t, self.block):
+            piece = ids[:, i:i + self.block]
+            want = need - (t - i - piece.shape[1])      # rows of this piece among the last `need`
+            lg = self._run(self.prefill, piece, min(max(want, 1), piece.shape[1]))
+            if want > 0:
+                parts.append(lg)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 

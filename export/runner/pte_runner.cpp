@@ -9,10 +9,12 @@
 //              [--prefill-logits] [--logits-out FILE] [--threads N] [--json] [--verbose]
 //
 // The .pte contract (DESIGN.md section 3): forward(tokens int64 [1, T], start_pos int64
-// [1]) -> logits float32 [1, T, V], T <= get_max_seq_len; start_pos 0 clears the
+// [1]) -> logits float32 [1, 1, V] (the last position's; files from before that
+// return [1, T, V], also read), T <= get_max_seq_len; start_pos 0 clears the
 // recurrent state inside the graph. Prompts longer than get_max_seq_len go in
-// several calls. Step 0 is the prefill (logits of the last prompt position, or all
-// of them with --prefill-logits); step i >= 1 is the i-th single-token decode call.
+// several calls. Step 0 is the prefill (logits of the last prompt position, or of
+// every position with --prefill-logits, the prompt then fed one token per call);
+// step i >= 1 is the i-th single-token decode call.
 // New tokens: argmax of step 0, then of each decode step (new_tokens - 1 decode calls).
 //
 // Errors: one line "pte_runner: error: ..." on stderr, exit 2 (bad input) or 3
@@ -169,18 +171,18 @@ void open_model(Model& m, const std::string& path) {
   m.vocab = constant(m.module, "get_vocab_size");
 }
 
-// One forward call on ids[0..n) at m.pos; returns the logits [n, V] (copied).
+// One forward call on ids[0..n) at m.pos; returns the logits it gave, [1, V] or [n, V] (copied).
 std::vector<float> forward(Model& m, const int64_t* ids, int64_t n) {
   auto tokens = make_tensor_ptr({1, (int32_t)n}, std::vector<int64_t>(ids, ids + n));
   auto start = make_tensor_ptr({1}, std::vector<int64_t>{m.pos});
   auto r = m.module.forward({EValue(tokens), EValue(start)});
   if (!r.ok()) fail(3, "forward failed at position " + std::to_string(m.pos) + ": " + error_name(r.error()));
   const auto& t = (*r)[0].toTensor();
-  if (t.dim() != 3 || t.size(1) != n || t.size(2) != m.vocab)
-    fail(3, "forward returned logits of an unexpected shape (want [1, T, vocab])");
+  if (t.dim() != 3 || (t.size(1) != n && t.size(1) != 1) || t.size(2) != m.vocab)
+    fail(3, "forward returned logits of an unexpected shape (want [1, 1, vocab] or [1, T, vocab])");
   const float* p = t.const_data_ptr<float>();
   m.pos += n;
-  return std::vector<float>(p, p + n * m.vocab);
+  return std::vector<float>(p, p + t.size(1) * m.vocab);
 }
 
 int64_t argmax(const float* row, int64_t v) {
@@ -191,11 +193,14 @@ int64_t argmax(const float* row, int64_t v) {
 
 // Marked no-inline and unmangled: callgrind's --toggle-collect counts instructions
 // inside exactly these (the prefill, and each decode step).
+// Keeps the last call's logits, or with every_row each position's (one token per call).
 extern "C" __attribute__((noinline)) void dj_prefill(Model* m, const std::vector<int64_t>* prompt,
-                                                     std::vector<float>* logits) {
-  for (size_t s = 0; s < prompt->size(); s += m->max_seq_len) {
-    int64_t n = std::min<int64_t>(m->max_seq_len, prompt->size() - s);
+                                                     std::vector<float>* logits, bool every_row) {
+  int64_t piece = every_row ? 1 : m->max_seq_len;
+  for (size_t s = 0; s < prompt->size(); s += piece) {
+    int64_t n = std::min<int64_t>(piece, prompt->size() - s);
     auto part = forward(*m, prompt->data() + s, n);
+    if (!every_row) logits->clear();
     logits->insert(logits->end(), part.begin(), part.end());
   }
 }
@@ -248,10 +253,10 @@ int main(int argc, char** argv) {
   std::vector<double> decode_ms;
   std::vector<float> logits;
   double t0 = now_ms();
-  dj_prefill(&m, &o.prompt, &logits);
+  dj_prefill(&m, &o.prompt, &logits, o.prefill_logits);
   double prefill_ms = now_ms() - t0;
   int64_t T = o.prompt.size();
-  const float* last = logits.data() + (T - 1) * m.vocab;
+  const float* last = logits.data() + logits.size() - m.vocab;
   if (o.prefill_logits) keep(0, logits.data(), T); else keep(0, last, 1);
   tokens.push_back(argmax(last, m.vocab));
   for (int64_t step = 1; step < o.new_tokens; ++step) {
