@@ -34,6 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 Tensor = torch.Tensor
 
 
@@ -92,7 +94,12 @@ def projection_matrix(d: int, t: Tensor | None = None) -> Tensor:
 def feature_map(x: Tensor, proj: Tensor) -> Tensor:
     """``phi(x) = softmax(x @ P)`` over the last (feature) axis, in float32 (or wider)."""
     dt = torch.promote_types(torch.promote_types(x.dtype, proj.dtype), torch.float32)
-    return torch.softmax(x.to(dt) @ proj.to(dt), dim=-1)
+    x, proj = x.to(dt), proj.to(dt)
+    if ops._onnx():
+        return torch.softmax(x @ proj, dim=-1)
+    # one bmm (XNNPACK takes it; a 2-D mm splits the .pte's delegated graph)
+    xp = ops.view(torch.bmm(ops.view(x, 1, math.prod(x.shape[:-1]), x.shape[-1]), proj[None]), *x.shape[:-1], proj.shape[-1])
+    return torch.softmax(xp, dim=-1)
 
 
 # ----------------------------------------------------------------------------
@@ -239,24 +246,57 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor,
 
 
 def decayed_attention(q: Tensor, k: Tensor, v: Tensor, cum: Tensor, beta: Tensor | None, state: Tensor,
-                      mask: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      mask: Tensor, keep: Tensor | None = None, last: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``o = ((q k^T) * exp(cum_i - cum_l + mask) * beta_l) v + exp(cum_i) q S`` and the
     state after the call, from the in-call cumulative log gate ``cum [B, H, T]`` and the
     additive ``causal_mask`` (computed once per call by the caller, as is ``cum`` for a
     constant decay).  Decays are masked before ``exp``, so nothing overflows; ``beta``
     None means 1.  ``keep`` (``[1]``, 0 or 1) scales the carried state's decay factors:
-    0 starts a fresh sequence without touching the state tensor (the ``.pte`` reset)."""
+    0 starts a fresh sequence without touching the state tensor (the ``.pte`` reset).
+    ``last``: ``cum[..., -1:]`` when the caller has it without slicing.  Under
+    ``torch.export`` the same sums as 3-D batched matmuls (``_decayed_attention_bmm``)."""
+    if torch.compiler.is_exporting():
+        return _decayed_attention_bmm(q, k, v, cum, beta, state, mask, keep, last)
     decay = (cum[..., :, None] - cum[..., None, :] + mask).exp()     # exp(-inf) = 0 above the diagonal
-    scores = (q @ k.transpose(-1, -2)) * decay
+    scores = ops.matmul(q, k, transpose_b=True) * decay              # (ops.matmul: one bmm in the .pte)
     from_state, last = cum.exp(), cum[..., -1:]                      # [B, H, T], [B, H, 1]
     carry, to_end = last.exp(), (last - cum).exp()
     if beta is not None:
         scores, to_end = scores * beta[..., None, :], to_end * beta
     if keep is not None:
         from_state, carry = from_state * keep, carry * keep
-    o = scores @ v + from_state[..., None] * (q @ state)
-    s = carry[..., None] * state + (k * to_end[..., None]).transpose(-1, -2) @ v
+    o = ops.matmul(scores, v) + from_state[..., None] * ops.matmul(q, state)
+    s = carry[..., None] * state + ops.matmul((k * to_end[..., None]).transpose(-1, -2), v)
     return o, s
+
+
+def _decayed_attention_bmm(q: Tensor, k: Tensor, v: Tensor, cum: Tensor, beta: Tensor | None, state: Tensor,
+                           mask: Tensor, keep: Tensor | None, last: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``decayed_attention`` over ``B * H`` flattened into one batch axis: every reshape
+    has one dynamic size and every unsqueeze is trailing, the ops XNNPACK takes, so the
+    ``.pte``'s attention is one delegated graph (4-D broadcasts and a slice of a dynamic
+    length would be portable ops between graphs)."""
+    b, h, t, m = q.shape
+    n, dv = b * h, v.shape[-1]
+    q3, k3, v3, s3 = ops.view(q, n, t, m), ops.view(k, n, t, m), ops.view(v, n, t, dv), state.reshape(n, m, dv)
+
+    def rows(x: Tensor) -> Tensor:          # [B or 1, H or 1, L] -> [B*H or 1, L], broadcasting kept
+        if x.shape[0] != b and b > 1 or x.shape[1] != h and x.shape[0] > 1:
+            x = x.expand(b, h, x.shape[-1])
+        return ops.view(x, x.shape[0] * x.shape[1], x.shape[-1])
+    c = rows(cum)
+    decay = (ops.view(c, c.shape[0], t, 1) - ops.view(c, c.shape[0], 1, t) + mask).exp()
+    scores = torch.bmm(q3, k3.transpose(1, 2)) * decay
+    last = c[:, -1:] if last is None else rows(last)
+    from_state, carry, to_end = c.exp(), last.exp(), (last - c).exp()
+    if beta is not None:
+        beta = rows(beta)
+        scores, to_end = scores * ops.view(beta, beta.shape[0], 1, t), to_end * beta
+    if keep is not None:
+        from_state, carry = from_state * keep, carry * keep
+    o = torch.bmm(scores, v3) + ops.view(from_state, from_state.shape[0], t, 1) * torch.bmm(q3, s3)
+    s = carry[..., None] * s3 + torch.bmm((k3 * ops.view(to_end, to_end.shape[0], t, 1)).transpose(1, 2), v3)
+    return ops.view(o, b, h, t, dv), s.reshape(b, h, m, dv)
 
 
 # ----------------------------------------------------------------------------
@@ -330,17 +370,20 @@ def default_log_decay(num_heads: int) -> Tensor:
 # token all-index ``n`` leaves the window at step n, and the new ring is the last W.
 # ----------------------------------------------------------------------------
 
-def window_mask(start: Tensor, t: int, window: int, offset: int = 0) -> Tensor:
+def window_mask(start: Tensor, t: int, window: int, offset: int = 0, rep: int = 0) -> Tensor:
     """Additive ``[B or 1, 1, 1, t, t + W]`` mask of queries ``offset .. offset + t`` against
     keys all-index ``offset .. offset + t + W``: 0 where the key is in the query's window
     and holds a real token (position ``start - W + j >= 0``: the ring is empty at first),
-    ``-inf`` elsewhere.  ``start [B or 1]`` is each sequence's position before the call."""
+    ``-inf`` elsewhere.  ``start [B or 1]`` is each sequence's position before the call.
+    ``rep > 0``: the rows repeated ``rep`` times, ``[1, rep * t, t + W]`` (one sequence), the
+    mask of ``window_softmax``'s batched-matmul form."""
     n = torch.arange(t, device=start.device)[:, None]
     j = torch.arange(t + window, device=start.device)[None, :]
     band = (j > n) & (j <= n + window)                                   # [t, t + W]
     real = (start[:, None] - window + offset + j) >= 0                   # [B, t + W]
     ok = band[None] & real[:, None, :]
-    return torch.where(ok, 0.0, float("-inf"))[:, None, None]
+    mask = torch.where(ok, 0.0, float("-inf"))
+    return torch.cat([mask] * rep, dim=1) if rep else mask[:, None, None]
 
 
 def window_softmax(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -348,14 +391,28 @@ def window_softmax(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) 
     and ``mx = max_j s_j``, ``s = scale q.k + mask``.
 
     ``q [B, Hkv, rep, T, d]`` (query heads grouped by the key head they share),
-    ``k, v [B, Hkv, 1, T + W, *]``.  ``v`` carries a ones column last, so the last column
+    ``k, v [B, Hkv, 1, T + W, *]`` (``[B, Hkv, T + W, *]`` with a 3-D ``mask``).  ``v`` carries a ones column last, so the last column
     of ``num`` is the normaliser ``den = sum_j exp(s_j - mx)``, from the same matmul; each
     query's own key is always in its window, so ``mx`` is finite and ``den >= 1``.  Kept
     unnormalised so that the shared-normaliser combination can add the linear part's
     sums to them."""
+    if mask.dim() == 3:
+        return _window_softmax_bmm(q, k, v, mask, scale)
     s = (q @ k.transpose(-1, -2)) * scale + mask
     mx = s.amax(-1, keepdim=True)
     return (s - mx).exp() @ v, mx
+
+
+def _window_softmax_bmm(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``window_softmax`` of one sequence as batched matmuls over ``[H_kv, rep * T, *]``
+    rows, with ``mask`` from ``window_mask(..., rep=rep)``: the ``.pte``'s form, whose ops
+    XNNPACK takes (the 5-D broadcast traces to expand copies and reshapes of two dynamic
+    sizes, portable ops that cut its graph)."""
+    _, hkv, rep, t, d = q.shape
+    s = torch.bmm(ops.view(q, hkv, rep * t, d), ops.view(k, hkv, k.shape[-2], d).transpose(1, 2)) * scale + mask
+    mx = s.amax(-1, keepdim=True)
+    num = torch.bmm((s - mx).exp(), ops.view(v, hkv, v.shape[-2], v.shape[-1]))
+    return ops.view(num, 1, hkv, rep, t, num.shape[-1]), ops.view(mx, 1, hkv, rep, t, 1)
 
 
 def windowed_softmax(q: Tensor, k: Tensor, v: Tensor, start: Tensor, window: int, scale: float,

@@ -74,12 +74,14 @@ class MaskedCore(Core):
         q, k, v = self.heads_first(q, k, v)
         t = q.shape[2]
         mask = ctx.once("causal_mask", lambda: A.causal_mask(t, q.device))
+        last = None
         if log_gate.shape[-1] == 1 and t > 1:
             steps = ctx.once("steps", lambda: torch.arange(1, t + 1, device=q.device, dtype=q.dtype))
             cum = log_gate * steps
+            last = log_gate * ctx.once("n_steps", lambda: steps[-1:])     # cum's last, without a slice per layer
         else:
             cum = log_gate.cumsum(-1)
-        o, s = A.decayed_attention(q, k, v, cum, beta, state, mask, ctx.keep)
+        o, s = A.decayed_attention(q, k, v, cum, beta, state, mask, ctx.keep, last)
         return self.packed(o), s
 
 

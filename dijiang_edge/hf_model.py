@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import hf_cache
 from .hf_config import DiJiangConfig
-from .model import DiJiangAttention, DiJiangForCausalLM, RecurrentState, rope_permutation
+from .model import DiJiangAttention, DiJiangForCausalLM, RecurrentState, rope_permutation, rope_rotation
 from .runtime import PREFILL_PIECE
 
 Tensor = torch.Tensor
@@ -68,6 +68,7 @@ class DiJiangHFForCausalLM(PreTrainedModel, GenerationMixin):
         from the eager model's own initialisation for a model built from a config."""
         if isinstance(module, DiJiangAttention):
             module.rope_perm = rope_permutation(module.a).to(module.proj.device)
+            module.rope_rot = rope_rotation(module.a).to(module.proj.device)
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm_head

@@ -186,7 +186,7 @@ class FeedForward(nn.Module):
         if self.arch == "gpt_neox":
             return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
         if self.gate_up is not None:
-            g, u = self.gate_up(x).split(self.inner, dim=-1)
+            g, u = ops.split(self.gate_up(x), [self.inner, self.inner])
         else:
             g, u = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(g) * u)
@@ -213,9 +213,15 @@ def rope_permutation(a: ModelArgs) -> Tensor:
     return torch.tensor(list(range(half, rd)) + list(range(half)) + list(range(rd, a.head_dim)), dtype=torch.long)
 
 
-def apply_rope(x: Tensor, ctx: Context, perm: Tensor, rotary_dim: int) -> Tensor:
+def rope_rotation(a: ModelArgs) -> Tensor:
+    """``rotate_half`` as a matrix, ``x @ R == x[..., perm]``: the ``.pte`` runs it as one
+    XNNPACK bmm, where slices of a tensor of dynamic length are portable ops."""
+    return torch.eye(a.head_dim)[:, rope_permutation(a)]
+
+
+def apply_rope(x: Tensor, ctx: Context, attn: "DiJiangAttention") -> Tensor:
     """RoPE on ``x [B, T, heads, head_dim]`` (q and k heads together)."""
-    return x * ctx.cos + ops.rotate_half(x, perm, rotary_dim) * ctx.sin
+    return x * ctx.cos + ops.rotate_half(x, attn.rope_perm, attn.a.rotary_dim, attn.rope_rot) * ctx.sin
 
 
 class DiJiangAttention(nn.Module):
@@ -249,6 +255,7 @@ class DiJiangAttention(nn.Module):
         if a.variant == "official":
             self.group_norm = GroupNorm(a.norm_groups or h, a.v_dim)
         self.register_buffer("rope_perm", rope_permutation(a), persistent=False)
+        self.register_buffer("rope_rot", rope_rotation(a), persistent=False)
         if a.window:
             self.window_weight = nn.Parameter(torch.zeros(h))       # per head, see ``finish``
         self.window_block = 256           # eager: long prompts scored in query blocks; exports: 0
@@ -263,11 +270,11 @@ class DiJiangAttention(nn.Module):
         d, h, hkv = a.head_dim, a.n_heads, a.n_kv_heads
         if self.in_proj is not None:
             sizes = [(h + hkv) * d, hkv * d] + ([a.v_dim] if hasattr(self, "gate") else [])
-            qk, v, *g = self.in_proj(x).split(sizes, dim=-1)
+            qk, v, *g = ops.split(self.in_proj(x), sizes)
             return qk, v, (g[0] if g else None)
         gate = self.gate(x) if hasattr(self, "gate") else None
         if a.arch == "gpt_neox":       # rows are [head, (q|k|v), d]
-            q, k, v = ops.reshape_bt(self.query_key_value(x), [h, 3 * d]).split(d, dim=-1)
+            q, k, v = ops.split(ops.reshape_bt(self.query_key_value(x), [h, 3 * d]), [d, d, d])
             return ops.reshape_bt(torch.cat((q, k), dim=2), [-1]), ops.reshape_bt(v, [-1]), gate
         return torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x), gate
 
@@ -298,8 +305,7 @@ class DiJiangAttention(nn.Module):
         """``qk [B, T, H + H_kv, d]`` after RoPE, packed ``v`` and the gate (or None)."""
         a = self.a
         qk, v, gate = self.project(x)
-        qk = apply_rope(ops.reshape_bt(qk, [a.n_heads + a.n_kv_heads, a.head_dim]), ctx,
-                        self.rope_perm, a.rotary_dim)
+        qk = apply_rope(ops.reshape_bt(qk, [a.n_heads + a.n_kv_heads, a.head_dim]), ctx, self)
         return qk, v, gate
 
     def values(self, v: Tensor, like: Tensor) -> Tensor:
@@ -316,7 +322,7 @@ class DiJiangAttention(nn.Module):
         a = self.a
         qk, v, gate = self.rotated(x, ctx)
         qk = ops.reshape_bt(A.feature_map(qk, self.proj), [-1])
-        q, k = qk.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1)
+        q, k = ops.split(qk, [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim])
         return q, k, self.values(v, q), gate
 
     def finish(self, x: Tensor, o: Tensor, gate: Tensor | None, win: tuple | None = None) -> Tensor:
@@ -334,14 +340,14 @@ class DiJiangAttention(nn.Module):
         if win is not None and a.window_mode == "shared":
             num, mx = win
             w = (self.window_weight[:, None] - mx).clamp(max=60.0).exp() * float(self.linear_on)
-            num, den = (num + w * ops.reshape_bt(o, [h, d + 1])).split([d, 1], dim=-1)
+            num, den = ops.split(num + w * ops.reshape_bt(o, [h, d + 1]), [d, 1])
             return self.out_proj(self.gated(ops.reshape_bt(num / den, [-1]), x, gate))
         if a.variant != "official":
-            o, z = ops.reshape_bt(o, [h, d + 1]).split([d, 1], dim=-1)
+            o, z = ops.split(ops.reshape_bt(o, [h, d + 1]), [d, 1])
             o = ops.reshape_bt(o / (z + a.eps), [-1])
         o = self.gated(o, x, gate)
         if win is not None:
-            num, den = win[0].split([d, 1], dim=-1)
+            num, den = ops.split(win[0], [d, 1])
             lam = torch.sigmoid(self.window_weight)[:, None] if self.linear_on else self.window_weight.new_ones(h, 1)
             o = ops.reshape_bt(lam * (num / den) + (1 - lam) * ops.reshape_bt(o, [h, d]), [-1])
         return self.out_proj(o)
@@ -371,7 +377,7 @@ class DiJiangAttention(nn.Module):
         s, ring_k, ring_v = state
         t = x.shape[1]
         qk, v, gate = self.rotated(x, ctx)
-        q, k = qk.split([h, hkv], dim=2)
+        q, k = ops.split(qk, [h, hkv], dim=2)
         keys = torch.cat((ring_k, _as(k.transpose(1, 2), ring_k)), dim=2)          # [B, H_kv, W + T, d]
         vals = torch.cat((ring_v, _as(ops.reshape_bt(v, [hkv, d]).transpose(1, 2), ring_v)), dim=2)
         ones = ops.append_ones(vals)        # the window's normaliser and the core's z ride along
@@ -397,8 +403,11 @@ class DiJiangAttention(nn.Module):
         if self.window_block and q.shape[-2] > self.window_block:
             parts = A.windowed_softmax(q, keys[:, :, None], vals[:, :, None], start, a.window, scale, self.window_block)
         else:
-            mask = ctx.once("window_mask", lambda: A.window_mask(start, q.shape[-2], a.window))
-            parts = A.window_softmax(q, keys[:, :, None], vals[:, :, None], mask, scale)
+            # (the .pte's one sequence: the batched-matmul form, its mask once per call)
+            rep = a.n_heads // a.n_kv_heads if torch.compiler.is_exporting() and q.shape[0] == 1 else 0
+            mask = ctx.once("window_mask", lambda: A.window_mask(start, q.shape[-2], a.window, rep=rep))
+            kv = (keys, vals) if rep else (keys[:, :, None], vals[:, :, None])
+            parts = A.window_softmax(q, *kv, mask, scale)
         return tuple(ops.reshape_bt(p.permute(0, 3, 1, 2, 4), [a.n_heads, -1]) for p in parts)
 
     def _entering(self, ctx: Context) -> Tensor:
@@ -616,7 +625,7 @@ class DiJiangForCausalLM(nn.Module):
         if args.tie_embeddings:
             model.lm_head.weight = model.embed.weight
         for layer in model.layers:           # not in the file: to_empty left them uninitialised
-            layer.attn.rope_perm = rope_permutation(args)
+            layer.attn.rope_perm, layer.attn.rope_rot = rope_permutation(args), rope_rotation(args)
         return model.eval()
 
     def num_params(self) -> int:

@@ -20,6 +20,8 @@ custom op that ``register_onnx_symbolics`` maps to a single ONNX node:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,22 +34,79 @@ def _onnx() -> bool:
     return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
 
 
+def view(x: Tensor, *shape) -> Tensor:
+    """``x.reshape(*shape)``.  While ``torch.export`` traces (the ``.pte`` path), the one
+    size that depends on the sequence length is written ``-1``: XNNPACK takes a reshape
+    only when every size is an int (at most one inferred), and a symbolic one is a
+    portable op that cuts the delegated graph.  Sizes must not already hold a ``-1``."""
+    if torch.compiler.is_exporting():
+        symbolic = [i for i, n in enumerate(shape) if not isinstance(n, int)]
+        if len(symbolic) == 1:      # (a reshape of a strided tensor would decompose to the sizes)
+            return x.contiguous().view(*(-1 if i == symbolic[0] else n for i, n in enumerate(shape)))
+    return x.reshape(*shape)
+
+
+def _tail(x: Tensor, tail: list[int]) -> list[int]:
+    """``tail`` (sizes of ``x``'s trailing axes after the first two) with its ``-1`` worked out."""
+    if -1 not in tail:
+        return list(tail)
+    known = math.prod(n for n in tail if n != -1)
+    return [math.prod(x.shape[2:]) // known if n == -1 else n for n in tail]
+
+
 # -- the helpers the model calls ------------------------------------------------------
 
 def reshape_bt(x: Tensor, tail: list[int]) -> Tensor:
     """``x.reshape(B, T, *tail)`` for ``x [B, T, ...]``."""
-    return _keep2_reshape(x, tail) if _onnx() else x.reshape(*x.shape[:2], *tail)
+    return _keep2_reshape(x, tail) if _onnx() else view(x, *x.shape[:2], *_tail(x, tail))
 
 
 def repeat_heads(x: Tensor, heads: int, rep: int) -> Tensor:
     """``[B, T, heads*d] -> [B, T, heads*rep*d]``, each head repeated ``rep`` times in
-    place (``repeat_interleave`` over heads, as grouped-query attention needs)."""
+    place (``repeat_interleave`` over heads, as grouped-query attention needs).  Under
+    ``torch.export`` a broadcast product by ones, which XNNPACK takes, where an
+    ``expand`` is a portable copy that cuts the ``.pte``'s delegated graph."""
     if rep == 1:
         return x
     if _onnx():
         return _repeat_heads(x, heads, rep)
     b, t, _ = x.shape
-    return x.view(b, t, heads, 1, -1).expand(b, t, heads, rep, x.shape[-1] // heads).reshape(b, t, -1)
+    y = view(x, b, t, heads, 1, x.shape[-1] // heads)
+    # a broadcast product by ones (exact): XNNPACK refuses a concat of one tensor with itself
+    y = y * torch.ones(rep, 1, dtype=x.dtype, device=x.device) if torch.compiler.is_exporting() \
+        else torch.cat([y] * rep, dim=3)
+    return view(y, b, t, x.shape[-1] * rep)
+
+
+def split(x: Tensor, sizes: list[int], dim: int = -1) -> list[Tensor]:
+    """``x.split(sizes, dim)``; outside ONNX as slices (XNNPACK has slices, not splits)."""
+    if _onnx():
+        return list(x.split(sizes, dim=dim))
+    out, at = [], 0
+    for n in sizes:
+        out.append(x.narrow(dim, at, n))
+        at += n
+    return out
+
+
+def matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
+    """``a @ b`` (``a @ b^T`` with ``transpose_b``) for tensors of equal batch dims.
+    Outside ONNX one ``bmm`` over the flattened batch: ``torch.matmul`` of 4-D tensors
+    traces to ``expand`` copies around a ``bmm``, portable ops that cut the ``.pte``'s
+    XNNPACK graph.  ONNX's ``MatMul`` takes N-D tensors as they are."""
+    if _onnx():
+        return a @ (b.transpose(-1, -2) if transpose_b else b)
+    a3, b3 = view(a, math.prod(a.shape[:-2]), *a.shape[-2:]), view(b, math.prod(b.shape[:-2]), *b.shape[-2:])
+    out = torch.bmm(a3, b3.transpose(1, 2) if transpose_b else b3)
+    return view(out, *a.shape[:-1], out.shape[-1])
+
+
+def mean_last(x: Tensor) -> Tensor:
+    """``x.mean(-1, keepdim=True)``.  Outside ONNX over a 4-D view, the innermost two
+    dimensions (the second of size 1): the only mean XNNPACK takes."""
+    if _onnx():
+        return x.mean(-1, keepdim=True)
+    return view(x.reshape(-1, 1, 1, x.shape[-1]).mean((-1, -2), keepdim=True), *x.shape[:-1], 1)
 
 
 def expand_bt(x: Tensor, like: Tensor) -> Tensor:
@@ -60,12 +119,17 @@ def append_ones(x: Tensor) -> Tensor:
     return _append_ones(x) if _onnx() else F.pad(x, (0, 1), value=1.0)
 
 
-def rotate_half(x: Tensor, perm: Tensor, rotary_dim: int) -> Tensor:
+def rotate_half(x: Tensor, perm: Tensor, rotary_dim: int, rot: Tensor) -> Tensor:
     """RoPE's rotation without its sign: the two halves of the first ``rotary_dim``
-    channels swapped, the rest kept (``x.index_select(-1, perm)``).  Written as slices
-    and a concat outside ONNX, which XNNPACK takes (it has no gather)."""
+    channels swapped, the rest kept (``x.index_select(-1, perm)``, or ``x @ rot``).
+    One Gather in ONNX; one bmm by the permutation matrix ``rot`` under ``torch.export``
+    (slices of a dynamic length cut the ``.pte``'s XNNPACK graph; the product by a 0/1
+    matrix is exact); slices and a concat in eager mode."""
     if _onnx():
         return x.index_select(-1, perm)
+    if torch.compiler.is_exporting():
+        d = x.shape[-1]
+        return view(torch.bmm(view(x, 1, math.prod(x.shape[:-1]), d), rot.to(x.dtype)[None]), *x.shape)
     half = rotary_dim // 2
     parts = [x[..., half:rotary_dim], x[..., :half]]
     if x.shape[-1] > rotary_dim:
@@ -77,16 +141,16 @@ def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float)
     """``nn.GroupNorm(groups, C)`` on each token's channels of ``x [B, T, C]``."""
     if _onnx():
         return _group_norm(x, weight, bias, groups, eps)
-    g = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
-    mean = g.mean(-1, keepdim=True)
-    var = (g - mean).pow(2).mean(-1, keepdim=True)
+    g = view(x, *x.shape[:-1], groups, x.shape[-1] // groups)
+    mean = mean_last(g)
+    var = mean_last((g - mean).pow(2))
     g = (g - mean) * torch.rsqrt(var + eps)
-    return g.reshape(x.shape) * weight + bias
+    return view(g, *x.shape) * weight + bias
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * (xf * torch.rsqrt(mean_last(xf.pow(2)) + eps)).to(x.dtype)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -4,8 +4,10 @@ with the linear-only partitioner or the default one, then time decode.
     python scripts/pte_partition.py out/smollm2-adapted --layers 4 --configs linear
     python scripts/pte_partition.py out/smollm2-adapted --layers 4 --configs default
 
-Prints lowering seconds, XNNPACK subgraphs, the ops left to the portable kernels and the
-median decode ms/token (2 threads, after a 128-token prefill).
+Prints lowering seconds, XNNPACK subgraphs, the ops left to the portable kernels, the
+median decode ms/token (2 threads, after a 128-token prefill) and, with ``--instructions``,
+the instructions per decoded token of the C++ runner under callgrind (one thread: the
+stable figure on a shared machine).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--configs", choices=("linear", "default"), default="default")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--instructions", action="store_true", help="also count instructions per decoded token")
     a = ap.parse_args()
 
     import dijiang_edge
@@ -39,7 +42,7 @@ def main() -> None:
     model = dijiang_edge.convert(a.model)
     model.layers = model.layers[:a.layers]
     model.args.n_layers = a.layers
-    calib = ex.calibration_ids(model, Path(a.model))
+    calib = ex.calibration_ids(model, Path(a.model), "pydoc")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.pte"
         t0 = time.time()
@@ -51,6 +54,10 @@ def main() -> None:
         m.forward((torch.arange(3, 131)[None], torch.tensor([0])))
         pos = iter(range(128, 128 + 40))
         ms = median_ms(lambda: m.forward((torch.tensor([[5]]), torch.tensor([next(pos)]))), 36, warmup=4)
+        if a.instructions:
+            from dijiang_edge.benchmark.instructions import instructions_per_token
+            ir = instructions_per_token(path, "x86_64")["decode_instructions_per_token"]
+            print(f"{a.configs}: {ir / 1e6:.2f} M instructions per decoded token (callgrind, 1 thread)")
     print(f"{a.configs}: decode {ms:.2f} ms/token "
           f"({a.layers} layers, {a.threads} threads)")
 

@@ -1,6 +1,7 @@
 """The three forms of DiJiang attention, and the export forms beside them, compute one
 function (DESIGN.md section 2)."""
 
+import itertools
 import math
 
 import pytest
@@ -61,6 +62,42 @@ def test_keep_zero_starts_a_fresh_sequence(t):
         o, s = A.decayed_attention(q, k, v, cum, beta, s0, mask, torch.tensor([keep]))
         o_ref, s_ref = A.parallel_attention(q, k, v, lg, beta, init)
         assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5, keep
+
+
+@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("gates", ["constant", "per_position"])
+def test_batched_matmul_form_equals_decayed_attention(t, gates):
+    """The ``.pte``'s 3-D form (``torch.export`` traces it) against the eager 4-D one,
+    with and without the reset and the caller's ``last``."""
+    q, k, v, lg, beta = _inputs(2, 3, t, 8, 5, seed=11 + t, gates=gates)
+    s0 = torch.randn(2, 3, 8, 5)
+    mask = A.causal_mask(t)
+    # gates and scales broadcast over the batch or the heads, as the model passes them
+    shapes = [(2, 3), (1, 3), (1, 1)] if gates == "constant" else [(2, 3), (2, 1)]
+    for (gb, gh), keep in itertools.product(shapes, (None, torch.tensor([0.0]), torch.tensor([1.0]))):
+        cum = lg[:gb, :gh].cumsum(-1)
+        beta_ = None if beta is None else beta[:gb, :gh]
+        for last in (None, cum[..., -1:].clone()):
+            o_ref, s_ref = A.decayed_attention(q, k, v, cum, beta_, s0, mask, keep)
+            o, s = A._decayed_attention_bmm(q, k, v, cum, beta_, s0, mask, keep, last)
+            assert o.shape == o_ref.shape and s.shape == s_ref.shape
+            assert rel_err(o, o_ref) < 1e-6 and rel_err(s, s_ref) < 1e-6
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_window_softmax_batched_form_equals_the_grouped_one(t):
+    """``window_softmax`` with the ``rep``-row mask (the ``.pte``'s batched matmuls) gives
+    the grouped 5-D form's ``(num, mx)``, the ring empty, partly and wholly full."""
+    g = torch.Generator().manual_seed(t)
+    hkv, rep, d, w = 2, 3, 8, 4
+    q = torch.randn(1, hkv, rep, t, d, generator=g)
+    k, v = torch.randn(1, hkv, t + w, d, generator=g), torch.randn(1, hkv, t + w, d + 1, generator=g)
+    for start in (0, 2, 9):
+        pos = torch.tensor([start])
+        ref = A.window_softmax(q, k[:, :, None], v[:, :, None], A.window_mask(pos, t, w), 0.3)
+        got = A.window_softmax(q, k, v, A.window_mask(pos, t, w, rep=rep), 0.3)
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-6, start
 
 
 @pytest.mark.parametrize("split", [1, 5, 33])

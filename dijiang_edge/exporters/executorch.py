@@ -295,7 +295,8 @@ XNNPACK_CONFIGS = ("LinearConfig", "BMMConfig", "QuantizeAffineConfig", "DeQuant
                    "SigmoidConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "DivConfig",
                    "PowConfig", "ExpConfig", "NegConfig", "MeanDimConfig", "ReciprocalSquareRootConfig",
                    "SquareRootConfig", "CatConfig", "PermuteConfig", "SliceCopyConfig", "ViewCopyConfig",
-                   "UnsqueezeCopyConfig")
+                   "UnsqueezeCopyConfig", "CloneDimOrderConfig", "CloneConfig", "SinConfig", "CosConfig",
+                   "ClampConfig", "ConstantPadConfig", "MaxDimConfig")
 
 
 def xnnpack_partitioner():
@@ -306,7 +307,8 @@ def xnnpack_partitioner():
     Measured on 4 layers of the adapted SmolLM2 (int8, ``scripts/pte_partition.py``):
     decode 9.7 ms/token with only the linear/bmm configs, 3.2 ms with these; lowering
     108 s -> 115 s. The 2-D ``mm`` config stays out: with it some graphs fail with
-    "Invalid partition, found dependency cycles".
+    "Invalid partition, found dependency cycles".  The model writes its layout ops in
+    the forms these configs accept under ``torch.export`` (``ops.view``; docs/performance.md).
     """
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
