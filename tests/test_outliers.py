@@ -46,6 +46,15 @@ def test_mixed_rotation_is_orthogonal_and_the_same_linear():
     assert y.abs().amax() < 0.2 * x.abs().amax()                 # spread over the whole row
 
 
+@pytest.mark.parametrize("mix", [False, True])
+def test_exported_rotation_equals_the_eager_one(mix):
+    """The ``.pte``'s batched-matmul form of ``R x`` (what ``torch.export`` traces) is the eager one."""
+    lin = torch.nn.Linear(576, 40, dtype=torch.float64)
+    rot = RotatedLinear(lin, 64, mix=mix)
+    x = torch.randn(1, 5, 576, dtype=torch.float64)
+    assert rel_err(rot._rotated_bmm(x, 576), ops_rows(rot, x)) < 1e-13
+
+
 def ops_rows(rot: RotatedLinear, x: torch.Tensor) -> torch.Tensor:
     """What ``rot.inner`` sees: ``x`` after the rotation."""
     seen = []

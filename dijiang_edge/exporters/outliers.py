@@ -24,6 +24,7 @@ SmolLM2 that alone drops top-1 agreement with fp32 to ~91%. Two exact rewrites
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,8 @@ class RotatedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.inner.in_features          # a Python int: traced shapes must not flow into reshape_bt
+        if torch.compiler.is_exporting():
+            return self.inner(self._rotated_bmm(x, k))
         if x.dim() == 3:        # the model's [B, T, k]: constant-shape reshapes in a traced graph
             y = ops.reshape_bt(x, [k // self.block, self.block]) @ self.rotation.T
             x = ops.reshape_bt(y if self.mix is None else self.mix @ y, [k])
@@ -110,6 +113,19 @@ class RotatedLinear(nn.Module):
             y = x.reshape(*x.shape[:-1], k // self.block, self.block) @ self.rotation.T
             x = (y if self.mix is None else self.mix @ y).reshape(x.shape)
         return self.inner(x)
+
+    def _rotated_bmm(self, x: Tensor, k: int) -> Tensor:
+        """``R x`` as batched matmuls whose reshapes have one dynamic size: the ``.pte``'s
+        form (a 4-D ``@`` by a matrix traces to ``mm`` and ``expand`` copies, portable ops
+        that cut XNNPACK's graph at every linear).  The cross-block ``mix @ y`` of each token
+        is ``(y^T mix^T)^T``, one bmm over every token's block columns."""
+        nb, bl = k // self.block, self.block
+        rows = math.prod(x.shape[:-1])
+        y = torch.bmm(ops.view(x, 1, rows * nb, bl), self.rotation.T[None])
+        if self.mix is not None:
+            yt = ops.view(y, rows, nb, bl).transpose(1, 2)                     # [rows, bl, nb]
+            y = ops.view(torch.bmm(ops.view(yt, 1, rows * bl, nb), self.mix.T[None]), rows, bl, nb).transpose(1, 2)
+        return ops.view(y, *x.shape[:-1], k)
 
 
 # ----------------------------------------------------------------------------
