@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--qlinear", choices=["8da8w", "8da4w"], default=None,
                    help="pte: also write a file with linears quantized so (8-bit dynamic activations + "
-                        "8/4-bit weights); --quant int8 = --qlinear 8da8w --qembedding 8w")
+                        "8/4-bit weights); --quant int8 = --qlinear 8da8w --qembedding 8w, "
+                        "--quant int4 = --qlinear 8da4w --qembedding 8w")
     p.add_argument("--qembedding", choices=["8w"], default=None, help="pte: 8-bit per-row embedding table")
     _add_convert_options(p)
     _add_adapter_options(p)                               # variant None: the target's, else the default

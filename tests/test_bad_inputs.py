@@ -221,7 +221,7 @@ CASES: dict[str, tuple[Setup, str]] = {     # name -> (setup, a word the one lin
     "export-parity-tokens-too-few": (_export("--parity-tokens", "16"), "--parity-tokens"),
     "export-max-context-zero": (_export("--formats", "pte", "--max-context", "0"), "--max-context"),
     "export-chunk-size-zero": (_export("--chunk-size", "0"), "--chunk-size"),
-    "export-onnx-only-quant-for-pte": (_export("--formats", "onnx,pte", "--quant", "int4"), "int4"),
+    "export-onnx-only-quant-for-pte": (_export("--formats", "onnx,pte", "--quant", "int8_dynamic"), "int8_dynamic"),
     "export-unknown-quant": (_export("--quant", "int3"), "int3"),
     # adapt / evaluate flags
     "adapt-batch-size-zero": (lambda case, s: ["adapt", str(s["src"]), "--out", "o", "--batch-size", "0"],
@@ -366,9 +366,9 @@ def test_quant_names_of_every_format_checked_before_any_export() -> None:
     """The export API's up-front check: a name one format lacks fails before the other's files."""
     from dijiang_edge.errors import DiJiangError
     from dijiang_edge.validate import check_quant_names
-    check_quant_names(["onnx", "pte"], ["fp32", "int8"])
-    with pytest.raises(DiJiangError, match="int4"):
-        check_quant_names(["onnx", "pte"], ["fp32", "int4"])
+    check_quant_names(["onnx", "pte"], ["fp32", "int8", "int4"])
+    with pytest.raises(DiJiangError, match="int8_dynamic"):
+        check_quant_names(["onnx", "pte"], ["fp32", "int8_dynamic"])
     with pytest.raises(DiJiangError, match="8da4w"):
         check_quant_names(["onnx"], ["8da4w"])
 

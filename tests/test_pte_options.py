@@ -14,14 +14,18 @@ from conftest import rel_err
 
 
 @pytest.mark.parametrize("label,pair", [("fp32", (None, None)), ("int8", ("8da8w", "8w")),
-                                        ("8da4w", ("8da4w", None)), ("8da4w+emb8w", ("8da4w", "8w")),
+                                        ("8da4w", ("8da4w", None)), ("int4", ("8da4w", "8w")),
                                         ("emb8w", (None, "8w")), ("8da8w", ("8da8w", None))])
 def test_quant_labels_round_trip(label, pair):
     assert parse_quant(label) == pair
     assert quant_label(*pair) == label
 
 
-@pytest.mark.parametrize("bad", ["int4", "8da4w+emb4w", "fp16", "", "8w"])
+def test_recipe_names_read_as_their_alias():
+    assert parse_quant("8da4w+emb8w") == parse_quant("int4") and parse_quant("8da8w+emb8w") == parse_quant("int8")
+
+
+@pytest.mark.parametrize("bad", ["int2", "8da4w+emb4w", "fp16", "", "8w"])
 def test_unknown_quant_is_refused(bad):
     with pytest.raises(DiJiangError, match="--qlinear"):
         parse_quant(bad)
@@ -85,7 +89,7 @@ def test_cli_qlinear_adds_a_pte_quantization(monkeypatch):
     a = build_parser().parse_args(["export", "default", "--out", "x", "--formats", "pte",
                                    "--quant", "fp32", "--qlinear", "8da4w", "--qembedding", "8w"])
     cmd_export(a)
-    assert seen == {"formats": ["pte"], "quants": ["fp32", "8da4w+emb8w"]}
+    assert seen == {"formats": ["pte"], "quants": ["fp32", "int4"]}
 
 
 def test_op_names_in_the_manifest_carry_no_address():

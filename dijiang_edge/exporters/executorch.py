@@ -42,7 +42,8 @@ MAX_CONTEXT_LEN = 1 << 20         # the state is fixed-size; fp32 positions stay
 QLINEAR = ("8da8w", "8da4w")      # XNNPACK here has no weight-only (8w) linear: torchao's
                                    # dequantize_affine has no ExecuTorch kernel, lowering fails
 QEMBEDDING = ("8w",)
-ALIASES = {"fp32": (None, None), "int8": ("8da8w", "8w")}
+# the names --quant takes for every target: int4 = ExecuTorch's own LLM recipe (8da4w, group 32)
+ALIASES = {"fp32": (None, None), "int8": ("8da8w", "8w"), "int4": ("8da4w", "8w")}
 DIJIANG_MARKER = "dijiang_recurrent_state"   # a constant method: tells our .pte files apart
 
 
@@ -64,7 +65,7 @@ def parse_quant(label: str) -> tuple[str | None, str | None]:
         else:
             raise DiJiangError(
                 f"unknown .pte quantization {label!r}: use fp32, int8 (= 8da8w linears + 8-bit "
-                f"embedding), or --qlinear {'|'.join(QLINEAR)} / --qembedding {'|'.join(QEMBEDDING)}")
+                f"embedding), int4 (= 8da4w linears + 8-bit embedding), or --qlinear {'|'.join(QLINEAR)} / --qembedding {'|'.join(QEMBEDDING)}")
     return qlinear, qembedding
 
 
