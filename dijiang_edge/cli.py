@@ -536,8 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(the baseline of `bench`), checked against Hugging Face")
     p.add_argument("model", help="the Hugging Face source model (folder, .gguf, or 'default')")
     p.add_argument("--out", required=True, help="output folder (manifest.json marks files attention: softmax)")
-    p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
-    p.add_argument("--quant", default="fp32,int8", help="comma list of: fp32, int8 (the DiJiang recipes)")
+    p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte (this tool's exports), genai "
+                   "(onnxruntime-genai's builder), gguf (llama.cpp: converter + quantizer)")
+    p.add_argument("--quant", default="fp32,int8", help="comma list of: fp32, int8, int4 (onnx, pte: the DiJiang "
+                   "recipes; genai: the builder's precisions; gguf: F32, Q8_0, Q4_0)")
     p.add_argument("--parity-tokens", type=at_least(0, "0 = skip"), default=64,
                    help="prefill tokens checked against HF (0: skip)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")

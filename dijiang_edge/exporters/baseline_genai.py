@@ -1,0 +1,88 @@
+"""The onnxruntime-genai peer: the softmax model of the same source built by
+onnxruntime-genai's own model builder (``onnxruntime_genai.models.builder``), the ONNX
+a user of onnxruntime-genai would run (``GroupQueryAttention`` over a KV cache shared
+between past and present, ``MatMulNBits`` weights, its ``genai_config.json``).
+
+Each quantization is its own genai folder ``genai/<quant>/`` (``model.onnx``, its
+weights, ``genai_config.json``, the tokenizer), built offline from the very weights the
+other baseline files are exported from (saved by ``baseline.source_folder``): ``fp32``,
+``int8`` and ``int4`` are the builder's precisions of those names, with its CPU defaults
+(block 32, int8 activations: accuracy level 4, as the DiJiang int4 file uses).
+The builder runs in a child process: it imports much, prints much, and a failure is
+then one line quoting its last message.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .. import manifest as M
+from ..errors import DiJiangError
+from .onnx import progress
+
+QUANTS = ("fp32", "int8", "int4")
+CONTEXT = 32768     # positions the builder's rotary tables cover at least (bench reaches 16k + decode)
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise DiJiangError(f"unknown onnxruntime-genai precision {quant!r}; choose from {', '.join(QUANTS)}")
+
+
+def _builder_available() -> None:
+    import importlib.util
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise DiJiangError("the genai baseline needs onnxruntime-genai's model builder: "
+                           "`pip install onnxruntime-genai`")
+
+
+def build(src: Path, out: Path, quant: str, cache: Path) -> None:
+    """Run the builder on the HF folder ``src`` into ``out`` (CPU, ``quant`` precision)."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+           "-p", quant, "-e", "cpu", "-c", str(cache), "--extra_options", "filename=model.onnx"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not (out / "genai_config.json").exists():
+        lines = [x for x in proc.stdout.splitlines() if x.strip()]
+        raise DiJiangError(f"onnxruntime-genai's builder failed on the baseline ({quant}): "
+                           f"{(lines or ['no output'])[-1][:300]}")
+
+
+def _widen_context(src: Path, context: int) -> None:
+    """Let the builder's rotary tables reach ``context`` positions (the model's function at
+    the positions it was trained on is unchanged; ``bench`` times up to 16k)."""
+    p = src / "config.json"
+    cfg = json.loads(p.read_text())
+    if int(cfg.get("max_position_embeddings") or 0) < context:
+        cfg["max_position_embeddings"] = context
+        p.write_text(json.dumps(cfg, indent=1))
+
+
+def export(lm, out_dir: str | Path, quant: str = "int4", parity_tokens: int = 64,
+           threads: int = 0) -> list[M.FileEntry]:
+    """Build ``genai/<quant>/`` with onnxruntime-genai's builder; return its manifest entry."""
+    from .baseline import source_folder
+    check_quant(quant)
+    _builder_available()
+    out = Path(out_dir)
+    src = source_folder(lm, out)
+    _widen_context(src, CONTEXT)
+    folder = out / "genai" / quant
+    with progress(f"onnxruntime-genai builder, {quant} (a minute or more)"):
+        build(src, folder, quant, src.parent / "genai-cache")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    rel = [f"genai/{quant}/{n}" for n in names]
+    cfg = json.loads((folder / "genai_config.json").read_text())["model"]
+    e = M.FileEntry(format="genai", quant=quant, path=f"genai/{quant}/model.onnx", role="both",
+                    attention="softmax", default=True, checksums=M.checksums(out, rel),
+                    outputs={"logits": {"dtype": "float32", "shape": [1, "seq", int(cfg["vocab_size"])]}},
+                    extras={"graph": "onnxruntime-genai builder", "runtime": "onnxruntime-genai",
+                            "context_length": int(cfg["context_length"])})
+    if parity_tokens:
+        from ..runtime.genai import GenaiRunner
+        from .baseline import parity
+        with progress(f"parity of {e.path} vs the Hugging Face model"):
+            e.parity = parity(lm.hf, GenaiRunner(folder, threads=threads), parity_tokens, lm.hf.config.vocab_size)
+    return [e]
