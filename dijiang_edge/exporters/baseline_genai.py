@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import manifest as M
 from ..errors import DiJiangError
-from .onnx import progress
+from ..progress import stage
 
 QUANTS = ("fp32", "int8", "int4")
 CONTEXT = 32768     # positions the builder's rotary tables cover at least (bench reaches 16k + decode)
@@ -70,7 +70,7 @@ def export(lm, out_dir: str | Path, quant: str = "int4", parity_tokens: int = 64
     src = source_folder(lm, out)
     _widen_context(src, CONTEXT)
     folder = out / "genai" / quant
-    with progress(f"onnxruntime-genai builder, {quant} (a minute or more)"):
+    with stage("genai", f"onnxruntime-genai builder, {quant} (a minute or more)"):
         build(src, folder, quant, src.parent / "genai-cache")
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     rel = [f"genai/{quant}/{n}" for n in names]
@@ -83,6 +83,6 @@ def export(lm, out_dir: str | Path, quant: str = "int4", parity_tokens: int = 64
     if parity_tokens:
         from ..runtime.genai import GenaiRunner
         from .baseline import parity
-        with progress(f"parity of {e.path} vs the Hugging Face model"):
+        with stage("genai", f"parity of {e.path} vs the Hugging Face model"):
             e.parity = parity(lm.hf, GenaiRunner(folder, threads=threads), parity_tokens, lm.hf.config.vocab_size)
     return [e]

@@ -6,7 +6,7 @@
 * ``.pte``: the cache lives in the program's buffers (static, ``max_context_len``
   positions), as in ExecuTorch's own LLM export; the runner keeps the position.
 * the peers: an onnxruntime-genai folder (``genai.GenaiRunner``) and a llama.cpp GGUF
-  (``llama_cpp.LlamaRunner``), each run by its own runtime.
+  (``llama.LlamaRunner``), each run by its own runtime.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def open(folder: Path, entry: dict, manifest: dict, threads: int = 0):   # noqa:
         from .genai import GenaiRunner
         return GenaiRunner((Path(folder) / entry["path"]).parent, threads=threads, entry=entry)
     if entry["format"] == "gguf":
-        from .llama_cpp import LlamaRunner
+        from .llama import LlamaRunner
         return LlamaRunner(Path(folder) / entry["path"], threads=threads, entry=entry)
     if entry["format"] == "onnx":
         try:
