@@ -72,8 +72,8 @@ def export(lm, out_dir: str | Path, quant: str = "int4", parity_tokens: int = 64
     folder = out / "genai" / quant
     with stage("genai", f"onnxruntime-genai builder, {quant} (a minute or more)"):
         build(src, folder, quant, src.parent / "genai-cache")
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    rel = [f"genai/{quant}/{n}" for n in names]
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.startswith(("model.onnx", "genai_config")))
+    rel = [f"genai/{quant}/{n}" for n in names]          # the model's files (the tokenizer's are not weights)
     cfg = json.loads((folder / "genai_config.json").read_text())["model"]
     e = M.FileEntry(format="genai", quant=quant, path=f"genai/{quant}/model.onnx", role="both",
                     attention="softmax", default=True, checksums=M.checksums(out, rel),
