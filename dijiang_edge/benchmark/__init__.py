@@ -113,12 +113,16 @@ def _select(folders, baselines, formats, quants, files) -> tuple[list[dict], lis
 
 def _run_record(r: dict, threads: int, bw: float, lengths: list[int], res: dict) -> dict:
     e, man = r["entry"], r["manifest"]
-    wr = M.weight_bytes_per_token(r["folder"], e, man)
+    if res.get("missing"):                      # not run here: what its runtime would have read is not counted
+        wr, floor = None, None
+    else:
+        wr = M.weight_bytes_per_token(r["folder"], e, man)
+        floor = M.floor_ms(wr["bytes"], bw)
     return {"folder": r["folder"], "path": e["path"], "format": e["format"], "quant": e["quant"],
             "attention": "softmax" if e.get("attention") == "softmax" else "dijiang",
             "graph": e.get("graph", e["format"]), "source": man.get("source", {}), "peer": e["format"] in PEER_FORMATS,
             "file_bytes": file_bytes(r["folder"], e), "weights_read": wr, "bandwidth_bytes_per_s": bw,
-            "floor_ms": M.floor_ms(wr["bytes"], bw), "cache_bytes": cache_bytes(man, e, lengths), **res}
+            "floor_ms": floor, "cache_bytes": cache_bytes(man, e, lengths), **res}
 
 
 def missing_runtime(entry: dict) -> str | None:

@@ -181,6 +181,9 @@ def export_baseline(model_src: str, out: str | Path, formats: list[str], quants:
         raise DiJiangError(f"the baseline exporter needs {e.name}; `pip install 'dijiang-edge[onnx,executorch]'`") from None
     routed = route_options({f: m.export for f, m in mods.items()}, {**opts, "parity_tokens": parity_tokens})
     _check_quants(mods, quants)
+    for f, mod in mods.items():          # a peer's missing tool: said before the model is loaded
+        if hasattr(mod, "preflight"):
+            mod.preflight(quants, **routed[f])
     check_out(out, force)
     hf, source = load_hf(model_src)
     lm = KVCacheLM(hf)

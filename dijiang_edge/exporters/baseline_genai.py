@@ -39,6 +39,10 @@ def _builder_available() -> None:
                            "`pip install onnxruntime-genai`")
 
 
+def preflight(quants: list[str], **_) -> None:
+    _builder_available()
+
+
 def build(src: Path, out: Path, quant: str, cache: Path) -> None:
     """Run the builder on the HF folder ``src`` into ``out`` (CPU, ``quant`` precision)."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),

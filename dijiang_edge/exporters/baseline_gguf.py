@@ -54,6 +54,15 @@ def converter(llama_cpp_dir: str | Path | None = None) -> Path:
     return script
 
 
+def preflight(quants: list[str], llama_cpp_dir: str | None = None, **_) -> None:
+    """The converter is there, and the quantizer's library when a quantized file is asked."""
+    converter(llama_cpp_dir)
+    from ..runtime.llama import available
+    why = available() if any(GGUF_TYPES[q] in FTYPES for q in quants) else None
+    if why:
+        raise DiJiangError(f"the gguf baseline is quantized by llama.cpp: {why}")
+
+
 def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
