@@ -54,14 +54,21 @@ def build(src: Path, out: Path, quant: str, cache: Path) -> None:
                            f"{(lines or ['no output'])[-1][:300]}")
 
 
-def _widen_context(src: Path, context: int) -> None:
-    """Let the builder's rotary tables reach ``context`` positions (the model's function at
-    the positions it was trained on is unchanged; ``bench`` times up to 16k)."""
-    p = src / "config.json"
-    cfg = json.loads(p.read_text())
-    if int(cfg.get("max_position_embeddings") or 0) < context:
-        cfg["max_position_embeddings"] = context
-        p.write_text(json.dumps(cfg, indent=1))
+def _widened(src: Path, context: int) -> Path:
+    """``src`` as the builder should read it: its files linked, its config's
+    ``max_position_embeddings`` at least ``context`` so the builder's rotary tables reach
+    that far (the model's function at the positions it was trained on is unchanged;
+    ``bench`` times up to 16k).  The shared source folder itself stays as saved."""
+    out = src.with_name(src.name + "-genai")
+    if not out.exists():
+        out.mkdir()
+        for f in src.iterdir():
+            if f.name != "config.json":
+                (out / f.name).symlink_to(f.resolve())
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["max_position_embeddings"] = max(int(cfg.get("max_position_embeddings") or 0), context)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
 
 
 def export(lm, out_dir: str | Path, quant: str = "int4", parity_tokens: int = 64,
@@ -71,8 +78,7 @@ def export(lm, out_dir: str | Path, quant: str = "int4", parity_tokens: int = 64
     check_quant(quant)
     _builder_available()
     out = Path(out_dir)
-    src = source_folder(lm, out)
-    _widen_context(src, CONTEXT)
+    src = _widened(source_folder(lm, out), CONTEXT)
     folder = out / "genai" / quant
     with stage("genai", f"onnxruntime-genai builder, {quant} (a minute or more)"):
         build(src, folder, quant, src.parent / "genai-cache")
