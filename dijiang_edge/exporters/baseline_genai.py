@@ -94,5 +94,6 @@ def export(lm, out_dir: str | Path, quant: str = "int4", parity_tokens: int = 64
         from ..runtime.genai import GenaiRunner
         from .baseline import parity
         with stage("genai", f"parity of {e.path} vs the Hugging Face model"):
-            e.parity = parity(lm.hf, GenaiRunner(folder, threads=threads), parity_tokens, lm.hf.config.vocab_size)
+            e.parity = parity(lm.hf, GenaiRunner(folder, max_length=parity_tokens + 8, threads=threads), parity_tokens,
+                              lm.hf.config.vocab_size)
     return [e]

@@ -58,22 +58,27 @@ class GenaiRunner:
             self.model = og.Model(cfg)
         except Exception as e:
             raise DiJiangError(f"onnxruntime-genai could not load {folder} ({str(e)[:200]}); re-export it") from None
-        self.max_length = int(config["search"]["max_length"])
-        self.reserve(max_length or self.max_length)
+        self.reserve(max_length or int(config["search"]["max_length"]))
 
     def reserve(self, max_length: int) -> None:
-        """A new sequence of at most ``max_length`` tokens: genai allocates the KV cache it
-        shares between past and present for that many positions at once, so ``bench``
-        asks for what its longest context needs, not the config's default."""
-        og = _og()
-        self.params = og.GeneratorParams(self.model)
-        self.params.set_search_options(max_length=max_length)
-        self.generator, self.pos = None, 0
-        self.generator = og.Generator(self.model, self.params)
+        """A new sequence of at most ``max_length`` tokens.  genai allocates the KV cache it
+        shares between past and present for that many positions at once, so the generator
+        is made at the first call, after ``bench`` has asked for what its longest context
+        needs (a peer's config says 32k: 1.5 GB of cache for SmolLM2)."""
+        self.max_length, self.generator, self.pos = max_length, None, 0
+
+    def _generator(self):
+        if self.generator is None:
+            og = _og()
+            params = og.GeneratorParams(self.model)
+            params.set_search_options(max_length=self.max_length)
+            self.generator = og.Generator(self.model, params)
+        return self.generator
 
     def reset(self) -> None:
         """Start a new sequence: genai zeroes the recurrent state (``rewind_to(0)``)."""
-        self.generator.rewind_to(0)
+        if self.generator is not None:
+            self.generator.rewind_to(0)
         self.pos = 0
 
     def forward(self, ids: np.ndarray, keep: int = 0) -> np.ndarray:
@@ -86,8 +91,9 @@ class GenaiRunner:
             raise DiJiangError(f"the genai runner takes one sequence (batch 1), got a batch of {ids.shape[0]}")
         parts = []
         for i in range(0, ids.shape[1], self.chunk):
-            self.generator.append_tokens(ids[0, i:i + self.chunk].astype(np.int32))
-            parts.append(np.array(self.generator.get_output("logits"), np.float32))
+            gen = self._generator()
+            gen.append_tokens(ids[0, i:i + self.chunk].astype(np.int32))
+            parts.append(np.array(gen.get_output("logits"), np.float32))
         self.pos += ids.shape[1]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         return out[:, -keep:] if keep else out
