@@ -300,8 +300,9 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def cmd_export_baseline(a: argparse.Namespace) -> None:
     from .exporters.baseline import export_baseline
+    opts = {"llama_cpp_dir": a.llama_cpp} if a.llama_cpp else {}
     m = export_baseline(a.model, a.out, _split(a.formats) or None, _split(a.quant) or None, force=a.force,
-                        parity_tokens=a.parity_tokens)
+                        parity_tokens=a.parity_tokens, **opts)
     for f in m["files"]:
         print(f"{f['path']:<32} {f['format']:<5} {f['quant']:<6} softmax KV cache  {f.get('parity', {})}")
     print(f"wrote {a.out}/manifest.json")
@@ -537,10 +538,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(the baseline of `bench`), checked against Hugging Face")
     p.add_argument("model", help="the Hugging Face source model (folder, .gguf, or 'default')")
     p.add_argument("--out", required=True, help="output folder (manifest.json marks files attention: softmax)")
-    p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte")
-    p.add_argument("--quant", default="fp32,int8", help="comma list of: fp32, int8 (the DiJiang recipes)")
+    p.add_argument("--formats", default="onnx", help="comma list of: onnx, pte (this tool's exports), genai "
+                   "(onnxruntime-genai's builder), gguf (llama.cpp: converter + quantizer)")
+    p.add_argument("--quant", default="fp32,int8", help="comma list of: fp32, int8, int4 (onnx, pte: the DiJiang "
+                   "recipes; genai: the builder's precisions; gguf: F32, Q8_0, Q4_0)")
     p.add_argument("--parity-tokens", type=at_least(0, "0 = skip"), default=64,
                    help="prefill tokens checked against HF (0: skip)")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR", help="gguf: a llama.cpp source tree holding "
+                   "convert_hf_to_gguf.py (default $DIJIANG_LLAMA_CPP, else the one scripts/setup_llama_cpp.sh unpacks)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(fn=cmd_export_baseline)
 

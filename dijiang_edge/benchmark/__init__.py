@@ -5,6 +5,12 @@ runtime at the same precision:
     from dijiang_edge.benchmark import bench
     data = bench(["out/smol"], baselines=["out/smol-softmax"], out="out/bench")
 
+The baseline folders may also hold the peers, the same source model as other runtimes'
+own tools build it (``export-baseline --formats genai,gguf``): onnxruntime-genai's
+builder and llama.cpp's GGUF files, timed in the same run by the same loop (same
+random-id prompt, greedy decode, same contexts and thread counts).  A peer whose
+runtime is not installed (llama-cpp-python is optional) is a row saying why.
+
 For every runnable file (the default runner of each format and quantization, or the
 files ``--files`` names) and thread count, one fresh process (``measure``) prefills up to
 each context length and times decode there (``timing``, the one timing loop); ``rounds``
@@ -32,6 +38,7 @@ from .measure import combine_rounds, in_subprocess, progress
 from .timing import WARMUP_TOKENS
 
 LENGTHS = [128, 512, 2048, 8192, 16384]
+PEER_FORMATS = ("genai", "gguf")      # = exporters.baseline.PEERS (not imported: that module needs torch)
 QUICK_LENGTHS = [128, 2048]
 THREADS = [1, 2]
 
@@ -94,7 +101,8 @@ def _select(folders, baselines, formats, quants, files) -> tuple[list[dict], lis
     if not dijiang:
         raise DiJiangError(f"no DiJiang file for formats={formats or 'any'} quants={quants or 'any'}"
                            + (f" files={','.join(files)}" if files else "") + f" in {', '.join(map(str, folders))}")
-    softmax = [r for f in baselines or [] for r in runnable(f, formats, quants)]
+    peer_formats = [*formats, *PEER_FORMATS] if formats else None      # --formats narrows ours; peers come along
+    softmax = [r for f in baselines or [] for r in runnable(f, peer_formats, quants)]
     if baselines is not None:
         if any(r["entry"].get("attention") != "softmax" for r in softmax):
             raise DiJiangError("a --baseline folder holds DiJiang files, not a softmax baseline; make one "
@@ -105,21 +113,45 @@ def _select(folders, baselines, formats, quants, files) -> tuple[list[dict], lis
 
 def _run_record(r: dict, threads: int, bw: float, lengths: list[int], res: dict) -> dict:
     e, man = r["entry"], r["manifest"]
-    wr = M.weight_bytes_per_token(r["folder"], e, man)
+    if res.get("missing"):                      # not run here: what its runtime would have read is not counted
+        wr, floor = None, None
+    else:
+        wr = M.weight_bytes_per_token(r["folder"], e, man)
+        floor = M.floor_ms(wr["bytes"], bw)
     return {"folder": r["folder"], "path": e["path"], "format": e["format"], "quant": e["quant"],
             "attention": "softmax" if e.get("attention") == "softmax" else "dijiang",
-            "graph": e.get("graph", e["format"]), "source": man.get("source", {}),
+            "graph": e.get("graph", e["format"]), "source": man.get("source", {}), "peer": e["format"] in PEER_FORMATS,
             "file_bytes": file_bytes(r["folder"], e), "weights_read": wr, "bandwidth_bytes_per_s": bw,
-            "floor_ms": M.floor_ms(wr["bytes"], bw), "cache_bytes": cache_bytes(man, e, lengths), **res}
+            "floor_ms": floor, "cache_bytes": cache_bytes(man, e, lengths), **res}
+
+
+def missing_runtime(entry: dict) -> str | None:
+    """Why ``entry``'s runtime cannot run here (an optional peer not installed), else None."""
+    if entry["format"] == "gguf":
+        from ..runtime.llama import available
+        return available()
+    if entry["format"] == "genai":
+        import importlib.util
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            return "onnxruntime-genai is not installed (`pip install onnxruntime-genai`)"
+    return None
 
 
 def _measure_all(todo: list[dict], st: dict, bw: dict[str, float]) -> list[dict]:
-    """Every (file, threads) in a fresh process, ``rounds`` times in turns; medians."""
+    """Every (file, threads) in a fresh process, ``rounds`` times in turns; medians.
+    A file whose runtime is missing is recorded with the reason and no points."""
     jobs = [(r, t) for r in todo for t in st["threads"]]
     results: list[list[dict]] = [[] for _ in jobs]
     for k in range(st["rounds"]):
         for (r, t), got in zip(jobs, results):
             e = r["entry"]
+            why = missing_runtime(e)
+            if why:
+                if k == 0:
+                    progress(f"{e['format']} {e['quant']} {e['path']} thr={t}: not measured: {why}")
+                    got.append({"threads": t, "missing": why, "points": [], "rss_idle_bytes": None,
+                                "rss_loaded_bytes": None, "peak_rss_bytes": None})
+                continue
             att = "softmax" if e.get("attention") == "softmax" else "dijiang"
             label = f"{att} {e['format']} {e['quant']}" + (f" {e['path']}" if st["files"] else "") + \
                 (f" round {k + 1}/{st['rounds']}" if st["rounds"] > 1 else "")

@@ -50,11 +50,13 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version(),
             "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
             "load_average_at_start": list(os.getloadavg())}
-    try:
-        from importlib.metadata import version
-        info["executorch"] = version("executorch")
-    except Exception:
-        pass
+    from importlib.metadata import PackageNotFoundError, version
+    for key, dist in (("executorch", "executorch"), ("onnxruntime_genai", "onnxruntime-genai"),
+                      ("llama_cpp_python", "llama-cpp-python")):
+        try:
+            info[key] = version(dist)
+        except (PackageNotFoundError, ValueError):
+            pass
     return info
 
 
@@ -66,15 +68,43 @@ def _onnx_initializer_bytes(path: Path) -> tuple[int, int]:
     for t in mp.graph.initializer:
         ext = {e.key: e.value for e in t.external_data}
         size[t.name] = (int(ext["length"]) if "length" in ext else len(t.raw_data), list(t.dims))
-    gathered = {n.input[0] for n in mp.graph.node if n.op_type == "Gather" and n.input[0] in size}
+    gather = ("Gather", "GatherBlockQuantized")
+    gathered = {n.input[0] for n in mp.graph.node if n.op_type in gather and n.input[0] in size}
+    gathered -= {i for n in mp.graph.node if n.op_type not in gather for i in n.input}   # a shared head reads it all
     unread = sum(b - b // d[0] for name, (b, d) in size.items() if name in gathered and len(d) == 2 and d[0] > 1)
     return sum(b for b, _ in size.values()), unread
+
+
+def _gguf_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of all tensors, bytes of the token-embedding table minus one row) of a GGUF;
+    a file with no ``output.weight`` reads the embedding as its head: all of it."""
+    from gguf import GGUFReader
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    emb = tensors.get("token_embd.weight")
+    if emb is None or "output.weight" not in tensors:
+        return total, 0
+    rows = int(emb.shape[-1])          # gguf lists dims fastest first: [hidden, vocab]
+    return total, int(emb.n_bytes) - int(emb.n_bytes) // rows
 
 
 def weight_bytes_per_token(folder: str | Path, entry: dict, manifest: dict) -> dict:
     """Weight bytes a decode step of ``entry`` reads, and how they were counted."""
     folder = Path(folder)
     m = manifest["model"]
+    if entry["format"] == "genai":
+        total, unread = _onnx_initializer_bytes(folder / entry["path"])
+        return {"bytes": total - unread, "file": entry["path"], "initializer_bytes": total,
+                "embedding_rows_not_read": unread, "method": "ONNX initializers of onnxruntime-genai's "
+                "model minus the rows of gathered tables that one token does not read"}
+    if entry["format"] == "gguf":
+        try:
+            total, unread = _gguf_bytes(folder / entry["path"])
+        except ImportError:             # gguf-py absent: the file size, the head and embedding all counted
+            total, unread = (folder / entry["path"]).stat().st_size, 0
+        return {"bytes": total - unread, "file": entry["path"], "tensor_bytes": total,
+                "embedding_rows_not_read": unread, "method": "GGUF tensor bytes minus the token-embedding "
+                "rows one token does not read (all of it when it is the head too)"}
     if entry["format"] == "onnx":
         from ..runtime.onnx import companion
         dec = entry if entry.get("attention") == "softmax" else companion(manifest, entry, "decode")

@@ -52,6 +52,8 @@ def measure(folder: str, path: str, threads: int, lengths: list[int], tokens: in
         raise DiJiangError(f"{folder} has no file {path} in its manifest")
     idle = rss_bytes()[0]
     runner = open_entry(folder, entry, manifest, threads)
+    if hasattr(runner, "reserve"):          # the peers allocate their KV cache whole: as long as this run needs
+        runner.reserve(max(lengths) + tokens + WARMUP_TOKENS + 8)
     vocab = manifest["model"]["vocab_size"]
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(3, vocab, (1, n), dtype=np.int64)

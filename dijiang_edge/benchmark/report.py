@@ -20,6 +20,30 @@ def pairs(data: dict) -> list[tuple[dict, dict | None]]:
     return [(r, soft.get(_key(r))) for r in data["runs"] if r["attention"] != "softmax"]
 
 
+def is_peer(r: dict) -> bool:
+    """A run of another runtime's own build of the source (onnxruntime-genai, llama.cpp)."""
+    return bool(r.get("peer")) or r["format"] in ("genai", "gguf")
+
+
+def measured(data: dict) -> list[dict]:
+    """The runs that have figures (a peer whose runtime is missing has none)."""
+    return [r for r in data["runs"] if not r.get("missing")]
+
+
+def kind(r: dict) -> str:
+    """``dijiang``, ``softmax`` (this tool's baseline) or the peer's name."""
+    if not is_peer(r):
+        return r["attention"]
+    return "onnxruntime-genai builder" if r["format"] == "genai" else r.get("graph", "llama.cpp")
+
+
+def peer_rivals(data: dict) -> list[tuple[dict, list[dict]]]:
+    """Each peer run with the DiJiang runs of its quantization and thread count."""
+    dj = [r for r in measured(data) if r["attention"] != "softmax"]
+    return [(p, [d for d in dj if (d["quant"], d["threads"]) == (p["quant"], p["threads"])])
+            for p in data["runs"] if is_peer(p)]
+
+
 def _who(run: dict, data: dict) -> str:
     """The attention kind, and the file when ``--files`` chose several per quantization."""
     label = f"{run['attention']} `{run['path']}`" if data["settings"].get("files") else run["attention"]
@@ -51,6 +75,19 @@ def decode_table(data: dict) -> list[str]:
             dm, sm = _ms(d), _ms(s)
             rows.append(f"| | | | **speed-up** | " + " | ".join(
                 f"**{sm[n] / dm[n]:.2f}x**" if n in sm and n in dm else "–" for n in lengths) + " | |")
+    for p, rivals in peer_rivals(data):
+        if p.get("missing"):
+            rows.append(f"| {p['format']} | {p['quant']} | {p['threads']} | {kind(p)}: not measured, "
+                        f"{p['missing']} | " + " | ".join("–" for _ in lengths) + " | – |")
+            continue
+        pm = _ms(p)
+        rows.append(f"| {p['format']} | {p['quant']} | {p['threads']} | {kind(p)} | "
+                    + " | ".join(_fmt(pm.get(n), ".2f") for n in lengths)
+                    + f" | {_fmt(pm[lengths[-1]] / pm[lengths[0]] if lengths[-1] in pm else None, '.2f')} |")
+        for d in rivals:
+            dm = _ms(d)
+            rows.append(f"| | | | **DiJiang {d['format']} speed-up** | " + " | ".join(
+                f"**{pm[n] / dm[n]:.2f}x**" if n in pm and n in dm else "–" for n in lengths) + " | |")
     return rows
 
 
@@ -58,9 +95,9 @@ def prefill_table(data: dict) -> list[str]:
     lengths = data["settings"]["lengths"]
     rows = ["| runtime | quant | threads | attention | " + " | ".join(f"@{n}" for n in lengths) + " |",
             "|" + "---|" * (4 + len(lengths))]
-    for r in data["runs"]:
+    for r in measured(data):
         tps = {p["context"]: p["prefill_tok_s"] for p in r["points"]}
-        rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {r['attention']} | "
+        rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {kind(r)} | "
                     + " | ".join(_fmt(tps.get(n), ".0f") for n in lengths) + " |")
     return rows
 
@@ -71,14 +108,14 @@ def memory_table(data: dict) -> list[str]:
             + " ".join(f"@{n}" for n in lengths) + " | peak RSS MB (1st thread count) "
             + " ".join(f"@{n}" for n in lengths) + " |", "|---|---|---|---|---|---|---|"]
     seen = set()
-    for r in data["runs"]:
+    for r in measured(data):
         k = (r["format"], r["quant"], r["attention"])
         if k in seen:
             continue
         seen.add(k)
         cache = " / ".join(f"{r['cache_bytes'][str(n)] / MB:.1f}" for n in lengths)
         rss = " / ".join(f"{p['peak_rss_bytes'] / MB:.0f}" for p in r["points"])
-        rows.append(f"| {r['format']} | {r['quant']} | {r['attention']} | {r['file_bytes'] / MB:.1f} | "
+        rows.append(f"| {r['format']} | {r['quant']} | {kind(r)} | {r['file_bytes'] / MB:.1f} | "
                     f"{r['weights_read']['bytes'] / MB:.1f} | {cache} | {rss} |")
     return rows
 
@@ -87,10 +124,10 @@ def floor_table(data: dict) -> list[str]:
     n0 = data["settings"]["lengths"][0]
     rows = [f"| runtime | quant | threads | attention | bandwidth GB/s | floor ms/token | decode ms @{n0} | "
             f"decode / floor | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in data["runs"]:
+    for r in measured(data):
         ms = _ms(r)[n0]
         bw = r.get("bandwidth_bytes_per_s") or data["bandwidth_bytes_per_s"][str(r["threads"])]
-        rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {r['attention']} | {bw / 1e9:.2f} | "
+        rows.append(f"| {r['format']} | {r['quant']} | {r['threads']} | {kind(r)} | {bw / 1e9:.2f} | "
                     f"{r['floor_ms']:.1f} | {ms:.2f} | {ms / r['floor_ms']:.2f} | {r['peak_rss_bytes'] / MB:.0f} |")
     return rows
 
@@ -115,6 +152,16 @@ def checks(data: dict) -> list[str]:
                        f"({'not slower' if sm[lo] >= ms[lo] else 'slower'} than softmax)")
         out.append(f"- {tag}: decode @{lo} = {ms[lo] / d['floor_ms']:.2f}x the bandwidth floor "
                    f"({'within' if ms[lo] <= fl * d['floor_ms'] else 'NOT within'} {fl:g}x)")
+    for p, rivals in peer_rivals(data):
+        if p.get("missing"):
+            continue
+        pm = _ms(p)
+        for d in rivals:
+            dm = _ms(d)
+            slower = [n for n in lengths if n in dm and n in pm and dm[n] >= pm[n]]
+            out.append(f"- {d['format']} {d['quant']} {d['threads']} thr vs {kind(p)}: DiJiang "
+                       + ("faster at every context" if not slower else
+                          "NOT faster at " + ", ".join(f"@{n}" for n in slower)))
     return out
 
 
@@ -127,7 +174,9 @@ def markdown(data: dict) -> str:
     parts = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB; load average at "
         f"start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. onnxruntime {m['onnxruntime']}"
-        + (f", executorch {m['executorch']}" if "executorch" in m else "") + f". Read bandwidth: {bw}.",
+        + "".join(f", {name} {m[k]}" for k, name in (("executorch", "executorch"), ("onnxruntime_genai",
+                  "onnxruntime-genai"), ("llama_cpp_python", "llama-cpp-python")) if k in m)
+        + f". Read bandwidth: {bw}.",
         f"Decode: median of {st['tokens']} single-token calls (after {st['warmup']} warm-up) at each context, "
         f"reached by a real prefill; one fresh process per file and thread count"
         + (f", {st['rounds']} rounds in turns (medians)." if st.get("rounds", 1) > 1 else "."),
@@ -138,6 +187,10 @@ def markdown(data: dict) -> str:
         "", "**The floor** (weights read per token / measured bandwidth)", "", *floor_table(data),
         "", "**The issue's bars**", "", *checks(data), ""]
     return "\n".join(parts)
+
+
+def _plot_name(r: dict) -> str:
+    return "DiJiang" if r["attention"] != "softmax" else (kind(r) if is_peer(r) else "softmax KV")
 
 
 def plots(data: dict, out: Path) -> list[str]:
@@ -151,16 +204,16 @@ def plots(data: dict, out: Path) -> list[str]:
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    groups = sorted({(r["format"], r["quant"]) for r in data["runs"]})
+    groups = sorted({(r["format"], r["quant"]) for r in measured(data)})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (fmt, q) in zip(axes[0], groups):
-        for r in data["runs"]:
+        for r in measured(data):
             if (r["format"], r["quant"]) != (fmt, q):
                 continue
             xs = [p["context"] for p in r["points"]]
             ax.plot(xs, [p["decode_ms"] for p in r["points"]], marker="o",
                     linestyle="-" if r["attention"] != "softmax" else "--",
-                    label=f"{'DiJiang' if r['attention'] != 'softmax' else 'softmax KV'} {r['threads']} thr")
+                    label=f"{_plot_name(r)} {r['threads']} thr")
             if r["attention"] != "softmax":
                 ax.axhline(r["floor_ms"], color="grey", linewidth=0.8, linestyle=":")
         ax.set_xscale("log", base=2)
@@ -174,10 +227,10 @@ def plots(data: dict, out: Path) -> list[str]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     lengths = data["settings"]["lengths"]
     seen = set()
-    for r in data["runs"]:
+    for r in measured(data):
         k = (r["format"], r["quant"], r["attention"])
         style = "-" if r["attention"] != "softmax" else "--"
-        name = f"{'DiJiang' if r['attention'] != 'softmax' else 'softmax KV'} {r['format']} {r['quant']}"
+        name = f"{_plot_name(r)} {r['format']} {r['quant']}"
         if k not in seen:
             seen.add(k)
             a1.plot(lengths, [r["cache_bytes"][str(n)] / MB for n in lengths], style, marker="o", label=name)

@@ -10,12 +10,16 @@ a group stacked), so the cache is never repeated per query head.  The tests chec
 its logits against the HF model's, prefill and decode.
 
 The format modules: ``baseline_onnx`` (``past_key_values`` like optimum's decoder
-export) and ``baseline_pte`` (ExecuTorch static cache with its LLM ``custom_sdpa``).
+export) and ``baseline_pte`` (ExecuTorch static cache with its LLM ``custom_sdpa``), and
+the peers a user would run instead, built by their own tools from the same weights:
+``baseline_genai`` (onnxruntime-genai's model builder) and ``baseline_gguf`` (llama.cpp's
+converter and quantizer).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,9 @@ from .. import manifest as M
 from ..errors import DiJiangError
 
 Tensor = torch.Tensor
-FORMATS = {"onnx": "baseline_onnx", "pte": "baseline_pte"}
+FORMATS = {"onnx": "baseline_onnx", "pte": "baseline_pte", "genai": "baseline_genai", "gguf": "baseline_gguf"}
+PEERS = ("genai", "gguf")        # other runtimes' own builds of the same source, timed beside ours
+SCRATCH = ".source"              # in the staged folder while exporting: the HF weights the peers' tools read
 ARCHS = ("llama", "qwen2", "mistral")
 RANDOM_IDS = "random-ids"       # the baseline's parity text: seeded random token ids
 
@@ -137,6 +143,28 @@ def source_of(manifest: dict) -> str:
     return name
 
 
+def source_folder(lm: KVCacheLM, out: Path) -> Path:
+    """The Hugging Face folder of ``lm``'s very weights (saved once per export, with the
+    tokenizer files already in ``out``), which the peers' own tools read: whatever the
+    source was (a folder, a GGUF, ``default``), every baseline file has the same weights."""
+    src = Path(out) / SCRATCH / "hf"
+    if not (src / "config.json").exists():
+        lm.hf.save_pretrained(src)
+        for p in Path(out).iterdir():
+            if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens")) or p.suffix == ".jinja"):
+                shutil.copy2(p, src / p.name)
+    return src
+
+
+def _check_quants(mods: dict, quants: list[str]) -> None:
+    """Refuse a quantization a chosen format does not know, before the model is loaded."""
+    for f, mod in mods.items():
+        check = getattr(mod, "check_quant", None) or getattr(getattr(mod, "onnx_files", None), "check_quant", None)
+        for q in quants:
+            if check:
+                check(q)
+
+
 def export_baseline(model_src: str, out: str | Path, formats: list[str], quants: list[str],
                     force: bool = False, parity_tokens: int = 64, **opts: Any) -> M.Manifest:
     """Export the softmax KV-cache baseline of ``model_src`` into ``out`` (manifest with
@@ -152,6 +180,10 @@ def export_baseline(model_src: str, out: str | Path, formats: list[str], quants:
     except ImportError as e:
         raise DiJiangError(f"the baseline exporter needs {e.name}; `pip install 'dijiang-edge[onnx,executorch]'`") from None
     routed = route_options({f: m.export for f, m in mods.items()}, {**opts, "parity_tokens": parity_tokens})
+    _check_quants(mods, quants)
+    for f, mod in mods.items():          # a peer's missing tool: said before the model is loaded
+        if hasattr(mod, "preflight"):
+            mod.preflight(quants, **routed[f])
     check_out(out, force)
     hf, source = load_hf(model_src)
     lm = KVCacheLM(hf)
@@ -164,6 +196,7 @@ def export_baseline(model_src: str, out: str | Path, formats: list[str], quants:
         for f, mod in mods.items():
             for q in quants:
                 files += mod.export(lm, tmp, quant=q, **routed[f])
+        shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
         cfg = hf.config
         eos = cfg.eos_token_id
         manifest = M.Manifest(

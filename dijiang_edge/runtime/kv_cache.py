@@ -5,6 +5,8 @@
   growing by the call's tokens; prompts go in ``prefill_block``-token calls.
 * ``.pte``: the cache lives in the program's buffers (static, ``max_context_len``
   positions), as in ExecuTorch's own LLM export; the runner keeps the position.
+* the peers: an onnxruntime-genai folder (``genai.GenaiRunner``) and a llama.cpp GGUF
+  (``llama.LlamaRunner``), each run by its own runtime.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class KvOnnxRunner:
 
 def open(folder: Path, entry: dict, manifest: dict, threads: int = 0):   # noqa: A001
     """The ``Runner`` of a softmax baseline entry (``runtime.open_export`` calls this)."""
+    if entry["format"] == "genai":
+        from .genai import GenaiRunner
+        return GenaiRunner((Path(folder) / entry["path"]).parent, threads=threads, entry=entry)
+    if entry["format"] == "gguf":
+        from .llama import LlamaRunner
+        return LlamaRunner(Path(folder) / entry["path"], threads=threads, entry=entry)
     if entry["format"] == "onnx":
         try:
             import onnxruntime  # noqa: F401
