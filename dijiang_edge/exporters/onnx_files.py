@@ -5,7 +5,10 @@
   measurement on SmolLM2-135M: faster than fp32 and closer to it than
   ``int8_dynamic`` (per-channel ``DynamicQuantizeMatMul``); ``int8_f32compute`` (the
   same weights computed in fp32: more accurate, but ~10x slower than fp32 on x86
-  with onnxruntime 1.32); ``int4`` (4-bit ``MatMulNBits``).
+  with onnxruntime 1.32); ``int4`` (4-bit ``MatMulNBits``).  Under both ``MatMulNBits``
+  quantizations the embedding table is block-quantized the same way and read by
+  ``GatherBlockQuantized``, from the very tensor the head reads when they are tied
+  (``onnx_vocab``): the table is stored once, quantized, instead of once in fp32.
 * ``pack``: the graphs of one quantization share one weights file, each distinct
   tensor stored once (found by content), so a prefill and a decode graph cost the
   disk of one model.
@@ -20,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import DiJiangError
+from . import onnx_vocab
 
 # quant name -> (method, options); the figures behind the choice are in issue 3's report.
 QUANTS = {
@@ -71,7 +75,9 @@ def quantize(mp, quant: str, vocab: int, keep_head: bool = False, keep: list | N
 
     ``keep``: constant matrices whose MatMuls stay fp32 -- the projections P (one per
     layer in an imported official checkpoint), which define the feature map and are
-    tiny; ``keep_head``: the lm_head too."""
+    tiny; ``keep_head``: the lm_head too (and the embedding table).  With ``MatMulNBits``
+    the embedding is block-quantized as well, over the head's own tensors when the head
+    is tied (``onnx_vocab``)."""
     check_quant(quant)
     method, o = QUANTS[quant]
     exclude = (lm_head_nodes(mp, vocab) if keep_head else []) + \
@@ -80,10 +86,13 @@ def quantize(mp, quant: str, vocab: int, keep_head: bool = False, keep: list | N
         return mp
     if method == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        vocab_mats = None if keep_head else onnx_vocab.find(mp, vocab)
         q = MatMulNBitsQuantizer(mp, bits=o["bits"], block_size=o["block_size"], is_symmetric=True,
                                  accuracy_level=o["accuracy_level"], nodes_to_exclude=exclude)
         q.process()
-        return q.model.model
+        if vocab_mats is None:
+            return q.model.model
+        return onnx_vocab.quantize_embedding(q.model.model, vocab_mats, vocab, o["bits"], o["block_size"])
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     with tempfile.TemporaryDirectory() as d:
