@@ -448,7 +448,7 @@ def _add_decoding_options(p: argparse.ArgumentParser, max_new_tokens: int) -> No
     p.add_argument("--threads", type=at_least(0, "0 = runtime default"), default=0,
                    help="CPU threads (0 = runtime default)")
     p.add_argument("--format", default=None, help="for export folders: onnx or pte (needed where it has both)")
-    p.add_argument("--quant", default=None, help="for export folders: fp32 or int8 (needed where it has both)")
+    p.add_argument("--quant", default=None, help="for export folders: fp32, int8 or int4 (needed where it has several)")
 
 
 # -- parser -----------------------------------------------------------------------

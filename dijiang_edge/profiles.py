@@ -19,7 +19,7 @@ from .shipped import shipped
 
 ARCHES = ("x86_64", "aarch64")
 FORMATS = ("onnx", "pte")
-ONNX_QUANTS = ("fp32", "int8")
+ONNX_QUANTS = ("fp32", "int8", "int4")
 VARIANTS = ("official", "normalized", "normalized_gated")
 
 
@@ -129,7 +129,7 @@ def _validate(raw: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _validate_quant(raw: dict[str, Any], out: dict[str, Any], bad) -> None:
-    """Labels every chosen format can write: ONNX knows fp32/int8, .pte also its recipes."""
+    """Labels every chosen format can write: ONNX knows fp32/int8/int4, .pte also its recipes."""
     from .exporters.executorch import QEMBEDDING, QLINEAR, parse_quant
     if "onnx" in out["formats"]:
         other = [q for q in out["quant"] if q not in ONNX_QUANTS]
