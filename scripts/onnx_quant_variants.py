@@ -48,6 +48,8 @@ VARIANTS = {
     "K": ("int4, block 16", dict(block=16)),
     "L": ("int4 with zero points, embedding fp32", dict(sym=False, embed=False)),
     "N": ("int4 HQQ (onnxruntime's), embedding fp32", dict(hqq=True, embed=False)),
+    "R": ("int4 k-quant scales (onnxruntime's), embedding fp32", dict(algo="k_quant", embed=False)),
+    "S": ("int4 GPTQ (onnxruntime's) on the calibration text, embedding fp32", dict(algo="gptq", embed=False)),
     "J": ("int8 (the export's)", dict(bits=8)),
     "J0": ("int8, embedding fp32", dict(bits=8, embed=False)),
 }
@@ -60,9 +62,10 @@ def _copy(mp):
 
 
 def quantized(mp, keep: list, vocab: int, bits: int = 4, acc: int = 4, int8=(), fp32=(), embed: bool = True,
-              sym: bool = True, block: int = 32, hqq: bool = False):
-    """``mp`` quantized as one row of ``VARIANTS`` says (a copy)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+              sym: bool = True, block: int = 32, hqq: bool = False, algo: str = "", calib: dict | None = None):
+    """``mp`` quantized as one row of ``VARIANTS`` says (a copy); ``calib``: the feeds GPTQ sees."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
+                                                                 KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
     mp = _copy(mp)
     found = onnx_vocab.find(mp, vocab) if embed else None
     keep_nodes = onnx_files.constant_nodes(mp, keep)
@@ -74,7 +77,20 @@ def quantized(mp, keep: list, vocab: int, bits: int = 4, acc: int = 4, int8=(), 
                                  nodes_to_exclude=[n for n in names if n not in chosen])
         q.process()
         mp = q.model.model
-    algo = HQQWeightOnlyQuantConfig(block_size=block, bits=bits) if hqq else None
+    if algo == "gptq":
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Feeds(CalibrationDataReader):
+            def __init__(self):
+                self.left = [calib]
+
+            def get_next(self):
+                return self.left.pop() if self.left else None
+        algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=Feeds())
+    elif algo == "k_quant":
+        algo = KQuantWeightOnlyQuantConfig()
+    else:
+        algo = HQQWeightOnlyQuantConfig(block_size=block, bits=bits) if hqq else None
     q = MatMulNBitsQuantizer(mp, bits=bits, block_size=block, is_symmetric=sym and not hqq, accuracy_level=acc,
                              nodes_to_exclude=keep_nodes + pick(fp32), algo_config=algo)
     q.process()
@@ -85,15 +101,20 @@ def quantized(mp, keep: list, vocab: int, bits: int = 4, acc: int = 4, int8=(), 
     return mp
 
 
+def feeds(mp, model, ids: np.ndarray) -> dict:
+    """The native graph ``mp``'s inputs for ``ids`` from a fresh state."""
+    feed = {"input_ids": ids[None], "start_pos": np.zeros(1, np.int64), "logits_to_keep": np.zeros(1, np.int64)}
+    for i, shape in zip(mp.graph.input[len(feed):], model.state_shapes(1)):
+        feed[i.name] = np.zeros(shape, np.float32)
+    return feed
+
+
 def logits(mp, model, ids: np.ndarray, threads: int) -> np.ndarray:
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     s = ort.InferenceSession(mp.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feed = {"input_ids": ids[None], "start_pos": np.zeros(1, np.int64), "logits_to_keep": np.zeros(1, np.int64)}
-    for i, shape in zip(s.get_inputs()[len(feed):], model.state_shapes(1)):
-        feed[i.name] = np.zeros(shape, np.float32)
-    return s.run(["logits"], feed)[0][0]
+    return s.run(["logits"], feeds(mp, model, ids))[0][0]
 
 
 def figures(got: np.ndarray, ref: torch.Tensor, ids: np.ndarray) -> tuple[float, float]:
@@ -130,6 +151,8 @@ def main() -> None:
         kw = dict(kw)
         mp, keep = srcs[kw.pop("src", "treated")]
         t = time.time()
+        if kw.get("algo") == "gptq":
+            kw["calib"] = feeds(mp, model, np.asarray(calibration[:512], np.int64))
         with onnx_files.quiet_logs():
             q = quantized(mp, keep, v, **kw)
         top1, dppl = figures(logits(q, model, ids, a.threads), ref, ids)
