@@ -142,13 +142,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def saved_tiny(tmp_path_factory, arch: str):
+    """A saved tiny Hugging Face folder of ``arch`` with a word-level tokenizer."""
+    src = tmp_path_factory.mktemp("src") / arch
+    tiny_hf(arch).save_pretrained(src)
+    word_tokenizer(src)
+    return src
+
+
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory):
     """A saved tiny SmolLM2-shaped Hugging Face folder with a word-level tokenizer."""
-    src = tmp_path_factory.mktemp("src") / "smollm2"
-    tiny_hf("smollm2").save_pretrained(src)
-    word_tokenizer(src)
-    return src
+    return saved_tiny(tmp_path_factory, "smollm2")
 
 
 # A chat template over the word tokenizer's words, ChatML's shape: "w1" opens a message,

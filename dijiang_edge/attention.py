@@ -258,15 +258,15 @@ def decayed_attention(q: Tensor, k: Tensor, v: Tensor, cum: Tensor, beta: Tensor
     if torch.compiler.is_exporting():
         return _decayed_attention_bmm(q, k, v, cum, beta, state, mask, keep, last)
     decay = (cum[..., :, None] - cum[..., None, :] + mask).exp()     # exp(-inf) = 0 above the diagonal
-    scores = ops.matmul(q, k, transpose_b=True) * decay              # (ops.matmul: one bmm in the .pte)
+    scores = (q @ k.transpose(-1, -2)) * decay
     from_state, last = cum.exp(), cum[..., -1:]                      # [B, H, T], [B, H, 1]
     carry, to_end = last.exp(), (last - cum).exp()
     if beta is not None:
         scores, to_end = scores * beta[..., None, :], to_end * beta
     if keep is not None:
         from_state, carry = from_state * keep, carry * keep
-    o = ops.matmul(scores, v) + from_state[..., None] * ops.matmul(q, state)
-    s = carry[..., None] * state + ops.matmul((k * to_end[..., None]).transpose(-1, -2), v)
+    o = scores @ v + from_state[..., None] * (q @ state)
+    s = carry[..., None] * state + (k * to_end[..., None]).transpose(-1, -2) @ v
     return o, s
 
 

@@ -186,7 +186,7 @@ class FeedForward(nn.Module):
         if self.arch == "gpt_neox":
             return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
         if self.gate_up is not None:
-            g, u = ops.split(self.gate_up(x), [self.inner, self.inner])
+            g, u = self.gate_up(x).split(self.inner, dim=-1)
         else:
             g, u = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(g) * u)
@@ -270,11 +270,11 @@ class DiJiangAttention(nn.Module):
         d, h, hkv = a.head_dim, a.n_heads, a.n_kv_heads
         if self.in_proj is not None:
             sizes = [(h + hkv) * d, hkv * d] + ([a.v_dim] if hasattr(self, "gate") else [])
-            qk, v, *g = ops.split(self.in_proj(x), sizes)
+            qk, v, *g = self.in_proj(x).split(sizes, dim=-1)
             return qk, v, (g[0] if g else None)
         gate = self.gate(x) if hasattr(self, "gate") else None
         if a.arch == "gpt_neox":       # rows are [head, (q|k|v), d]
-            q, k, v = ops.split(ops.reshape_bt(self.query_key_value(x), [h, 3 * d]), [d, d, d])
+            q, k, v = ops.reshape_bt(self.query_key_value(x), [h, 3 * d]).split(d, dim=-1)
             return ops.reshape_bt(torch.cat((q, k), dim=2), [-1]), ops.reshape_bt(v, [-1]), gate
         return torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x), gate
 
@@ -322,7 +322,7 @@ class DiJiangAttention(nn.Module):
         a = self.a
         qk, v, gate = self.rotated(x, ctx)
         qk = ops.reshape_bt(A.feature_map(qk, self.proj), [-1])
-        q, k = ops.split(qk, [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim])
+        q, k = qk.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1)
         return q, k, self.values(v, q), gate
 
     def finish(self, x: Tensor, o: Tensor, gate: Tensor | None, win: tuple | None = None) -> Tensor:
@@ -340,14 +340,14 @@ class DiJiangAttention(nn.Module):
         if win is not None and a.window_mode == "shared":
             num, mx = win
             w = (self.window_weight[:, None] - mx).clamp(max=60.0).exp() * float(self.linear_on)
-            num, den = ops.split(num + w * ops.reshape_bt(o, [h, d + 1]), [d, 1])
+            num, den = (num + w * ops.reshape_bt(o, [h, d + 1])).split([d, 1], dim=-1)
             return self.out_proj(self.gated(ops.reshape_bt(num / den, [-1]), x, gate))
         if a.variant != "official":
-            o, z = ops.split(ops.reshape_bt(o, [h, d + 1]), [d, 1])
+            o, z = ops.reshape_bt(o, [h, d + 1]).split([d, 1], dim=-1)
             o = ops.reshape_bt(o / (z + a.eps), [-1])
         o = self.gated(o, x, gate)
         if win is not None:
-            num, den = ops.split(win[0], [d, 1])
+            num, den = win[0].split([d, 1], dim=-1)
             lam = torch.sigmoid(self.window_weight)[:, None] if self.linear_on else self.window_weight.new_ones(h, 1)
             o = ops.reshape_bt(lam * (num / den) + (1 - lam) * ops.reshape_bt(o, [h, d]), [-1])
         return self.out_proj(o)
@@ -377,7 +377,7 @@ class DiJiangAttention(nn.Module):
         s, ring_k, ring_v = state
         t = x.shape[1]
         qk, v, gate = self.rotated(x, ctx)
-        q, k = ops.split(qk, [h, hkv], dim=2)
+        q, k = qk.split([h, hkv], dim=2)
         keys = torch.cat((ring_k, _as(k.transpose(1, 2), ring_k)), dim=2)          # [B, H_kv, W + T, d]
         vals = torch.cat((ring_v, _as(ops.reshape_bt(v, [hkv, d]).transpose(1, 2), ring_v)), dim=2)
         ones = ops.append_ones(vals)        # the window's normaliser and the core's z ride along

@@ -78,33 +78,10 @@ def repeat_heads(x: Tensor, heads: int, rep: int) -> Tensor:
     return view(y, b, t, x.shape[-1] * rep)
 
 
-def split(x: Tensor, sizes: list[int], dim: int = -1) -> list[Tensor]:
-    """``x.split(sizes, dim)``; outside ONNX as slices (XNNPACK has slices, not splits)."""
-    if _onnx():
-        return list(x.split(sizes, dim=dim))
-    out, at = [], 0
-    for n in sizes:
-        out.append(x.narrow(dim, at, n))
-        at += n
-    return out
-
-
-def matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-    """``a @ b`` (``a @ b^T`` with ``transpose_b``) for tensors of equal batch dims.
-    Outside ONNX one ``bmm`` over the flattened batch: ``torch.matmul`` of 4-D tensors
-    traces to ``expand`` copies around a ``bmm``, portable ops that cut the ``.pte``'s
-    XNNPACK graph.  ONNX's ``MatMul`` takes N-D tensors as they are."""
-    if _onnx():
-        return a @ (b.transpose(-1, -2) if transpose_b else b)
-    a3, b3 = view(a, math.prod(a.shape[:-2]), *a.shape[-2:]), view(b, math.prod(b.shape[:-2]), *b.shape[-2:])
-    out = torch.bmm(a3, b3.transpose(1, 2) if transpose_b else b3)
-    return view(out, *a.shape[:-1], out.shape[-1])
-
-
 def mean_last(x: Tensor) -> Tensor:
-    """``x.mean(-1, keepdim=True)``.  Outside ONNX over a 4-D view, the innermost two
-    dimensions (the second of size 1): the only mean XNNPACK takes."""
-    if _onnx():
+    """``x.mean(-1, keepdim=True)``; under ``torch.export`` over a 4-D view, the innermost
+    two dimensions (the second of size 1): the only mean XNNPACK takes."""
+    if not torch.compiler.is_exporting():
         return x.mean(-1, keepdim=True)
     return view(x.reshape(-1, 1, 1, x.shape[-1]).mean((-1, -2), keepdim=True), *x.shape[:-1], 1)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err, tiny_hf, word_tokenizer
+from conftest import rel_err, saved_tiny, tiny_hf, word_tokenizer
 from dijiang_edge import manifest as M
 from dijiang_edge.cli import main
 from dijiang_edge.exporters import MADE_BY, export, read_manifest
@@ -39,10 +39,7 @@ def _prefill_then_decode(runner, ids: torch.Tensor, prefill: int) -> torch.Tenso
 @pytest.fixture(scope="module")
 def llama_src(tmp_path_factory):
     """A tiny Llama folder (head size 16: onnxruntime's GroupQueryAttention wants multiples of 16)."""
-    src = tmp_path_factory.mktemp("src") / "llama"
-    tiny_hf("llama").save_pretrained(src)
-    word_tokenizer(src)
-    return src
+    return saved_tiny(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="module")

@@ -36,10 +36,10 @@ from ..transforms import for_onnx
 
 Tensor = torch.Tensor
 KINDS = ("block", "step", "native")
-# Tokens per prefill call. 128, measured on the adapted default int4 (native graph, one thread,
-# random ids): prefill 308 tok/s and peak RSS 241 / 265 / 266 MB at contexts 128 / 2k / 16k,
-# where 512-token blocks gave 266 tok/s and 241 / 341 / 342 MB (each call's activations,
-# and the in-block scores, grow with the block).
+# Tokens per prefill call: 128 keeps peak RSS flat in context (each call's activations and
+# in-block scores grow with the block). The adapted default's native_int4.onnx, one thread,
+# random ids, peak RSS at contexts 128 / 2k / 16k: 241 / 341 / 342 MB with 512-token blocks,
+# 241 / 265 / 266 MB with 128 (README: `bench --lengths 128,2048,16384` on a fresh export).
 PREFILL_BLOCK = 128
 OPSET = 18
 
