@@ -62,6 +62,17 @@ def tiny_hf(arch: str, seed: int = 0, layers: int = 2):
     return model
 
 
+def q41(w: torch.Tensor) -> torch.Tensor:
+    """``w`` through ggml's Q4_1 (blocks of 32 along the input: min, d = (max - min) / 15,
+    codes rounded, d and min stored as fp16), dequantized as transformers' GGUF reader does."""
+    n, k = w.shape
+    b = w.reshape(n, k // 32, 32)
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    d = (hi - lo) / 15
+    q = ((b - lo) / torch.where(d == 0, torch.ones_like(d), d) + 0.5).floor().clamp(0, 15)
+    return (lo.half().float() + d.half().float() * q).reshape(n, k)
+
+
 def tiny_real_vocab():
     """A random one-layer Llama with SmolLM2's vocabulary, GQA and tied embeddings."""
     import transformers as T

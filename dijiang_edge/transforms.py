@@ -91,17 +91,39 @@ def fused_linear(parts: list[tuple[Tensor, Tensor | None]], blocks: list | None 
     return lin
 
 
+def _fused_grid(mods: list[nn.Module]) -> nn.Module | None | bool:
+    """The fusion of ``mods`` when they are all ``grid.GridLinear`` (the 4-bit grid split),
+    None when only some are (they stay apart: one 4-bit matmul cannot hold an off-grid
+    part exactly), False when none is (the plain fusion applies)."""
+    from .grid import GridLinear, fuse
+    kinds = {isinstance(m, GridLinear) for m in mods}
+    if kinds == {False}:
+        return False
+    return fuse(mods) if kinds == {True} else None
+
+
 def fuse_projections(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
-        parts, blocks = _qkv_weights(attn)
-        if hasattr(attn, "gate"):
-            g, gb = _plain(attn.gate)
-            parts, blocks = parts + [(g.weight, None)], blocks + [gb]
-        attn.in_proj = fused_linear(parts, blocks)
+        if attn.a.arch != "gpt_neox":
+            mods = [attn.q_proj, attn.k_proj, attn.v_proj] + ([attn.gate] if hasattr(attn, "gate") else [])
+            fused = _fused_grid(mods)
+        else:
+            from .grid import GridLinear      # one matrix already, rows per head: a grid one stays so
+            fused = None if isinstance(attn.query_key_value, GridLinear) else False
+        if fused is False:
+            parts, blocks = _qkv_weights(attn)
+            if hasattr(attn, "gate"):
+                g, gb = _plain(attn.gate)
+                parts, blocks = parts + [(g.weight, None)], blocks + [gb]
+            fused = fused_linear(parts, blocks)
+        attn.in_proj = fused
         if hasattr(mlp, "gate_proj"):
-            (g, gb), (u, ub) = _plain(mlp.gate_proj), _plain(mlp.up_proj)
-            mlp.gate_up = fused_linear([(g.weight, g.bias), (u.weight, u.bias)], [gb, ub])
+            fused = _fused_grid([mlp.gate_proj, mlp.up_proj])
+            if fused is False:
+                (g, gb), (u, ub) = _plain(mlp.gate_proj), _plain(mlp.up_proj)
+                fused = fused_linear([(g.weight, g.bias), (u.weight, u.bias)], [gb, ub])
+            mlp.gate_up = fused
     return model
 
 

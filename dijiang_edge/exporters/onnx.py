@@ -67,21 +67,48 @@ def feature_projections(model) -> list:
 # from the outlier-treated model, rotated in those same blocks
 OUTLIER_BLOCK = {"int8": 32, "int4": 32}
 OUTLIERS = "smoothed + block-Hadamard rotated, every linear input, 32x32 blocks (outliers.py)"
+GRID = ("projections on their source's 4-bit grid, exact, in one 4-bit matmul with the LoRA down rows and "
+        "block indicators; the side's up matrix (LoRA up, block residual) and the head 8-bit (grid.py)")
 
 
-def graph_model(model, out: Path, quant: str, calibration_text: str | None, memo: Memo):
-    """The model the ``quant`` graphs are traced from: ``model`` itself, or for the
-    quantizations of ``OUTLIER_BLOCK`` (given a calibration text) its outlier-treated
-    copy, the same function in fp32 (made once per export call)."""
+def graph_model(model, out: Path, quant: str, calibration_text: str | None, memo: Memo) -> tuple:
+    """``(the model the quant graphs are traced from, its memo key, what was done to it)``:
+    for ``int4`` where projections are on their source's 4-bit grid, the grid split
+    (``GRID``); for the quantizations of ``OUTLIER_BLOCK`` (given a calibration text) the
+    outlier-treated copy (``OUTLIERS``); else ``model`` itself.  Each is the same function
+    in fp32, made once per export call."""
+    if quant == "int4":
+        split = memo.get(("grid",), lambda: _grid_split(model))
+        if split is not None:
+            return split, ("grid",), GRID
     if quant not in OUTLIER_BLOCK or calibration_text is None:
-        return model
+        return model, (), None
     from .outliers import calibration_ids, prepare_for_int8
 
     def make():
         with progress(f"outlier treatment for {quant}, calibrated on {calibration_text}"):
             return prepare_for_int8(model, calibration_ids(model, out, calibration_text),
                                     block=OUTLIER_BLOCK[quant], every_input=True)
-    return memo.get(("prepared", OUTLIER_BLOCK[quant], calibration_text), make)
+    key = ("prepared", OUTLIER_BLOCK[quant], calibration_text)
+    return memo.get(key, make), key, OUTLIERS
+
+
+def _grid_split(model):
+    """An export copy of ``model`` with its projections on their source's 4-bit grid
+    (``grid.split``; any off it, such as a new output gate, go to 8 bits), or None when
+    none is on one (``int4`` is then round-to-nearest over the outlier-treated model)."""
+    from .. import grid
+    from ..transforms import export_copy
+    copy = export_copy(model).eval()
+    return copy if grid.split(copy) else None
+
+
+def _four_bit(split, kind: str) -> list:
+    """The 4-bit weights of the ``kind`` graph of a grid split: its ``GridLinear`` joint
+    weights after the graph's own transforms (fused as ``transforms.for_onnx`` fuses)."""
+    from ..grid import four_bit_weights
+    from ..transforms import for_onnx
+    return four_bit_weights(for_onnx(split, kind))
 
 
 def file_name(kind: str, quant: str) -> str:
@@ -103,11 +130,15 @@ def io_spec(model, kind: str) -> tuple[dict, dict]:
 
 
 def entry(model, out: Path, kind: str, quant: str, data: str, keep_head: bool, default: bool,
-          treated: bool = False) -> M.FileEntry:
+          done: str | None = None) -> M.FileEntry:
+    """The manifest entry of one file; ``done``: what ``graph_model`` did to the model."""
     path = file_name(kind, quant)
     ins, outs = io_spec(model, kind)
-    extras = {"graph": kind, "weights": data, "lm_head": "fp32" if keep_head or quant == "fp32" else quant,
-              "int8_outliers": OUTLIERS if treated else None}
+    head = "fp32" if keep_head or quant == "fp32" else "int8" if done == GRID else quant
+    extras = {"graph": kind, "weights": data, "lm_head": head,
+              "int8_outliers": OUTLIERS if done == OUTLIERS else None}
+    if done == GRID:
+        extras["int4_grid"] = GRID
     if kind != "step":
         extras["prefill_block"] = onnx_graph.PREFILL_BLOCK
     return M.FileEntry(format="onnx", quant=quant, path=path, role=FILES[kind][1], attention=FILES[kind][2],
@@ -171,18 +202,19 @@ def export(model, out_dir: str | Path, quant: str = "fp32", kinds: tuple[str, ..
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     data = f"onnx/weights{'' if quant == 'fp32' else '_' + quant}.data"
     graphs = {}
-    traced = graph_model(model, out, quant, calibration_text, memo)
+    traced, key, done = graph_model(model, out, quant, calibration_text, memo)
     for kind in sorted(kinds, key=DEFAULT.index):
-        mp = fp32_graph(traced, kind, memo, () if traced is model else ("treated", OUTLIER_BLOCK[quant]))
+        mp = fp32_graph(traced, kind, memo, key)
         if quant != "fp32":
             with progress(f"quantizing the {kind} graph to {quant}"), onnx_files.quiet_logs():
                 mp = onnx_files.quantize(mp, quant, model.args.vocab_size, keep_head,
-                                         keep=feature_projections(traced))
+                                         keep=feature_projections(traced),
+                                         four_bit=_four_bit(traced, kind) if done == GRID else None)
         graphs[file_name(kind, quant)] = (kind, mp)
     with progress(f"writing {len(graphs)} {quant} files"):
         onnx_files.pack({n: g for n, (_, g) in graphs.items()}, out, data)
     first = min(graphs.values(), key=lambda g: DEFAULT.index(g[0]))[0]
-    entries = [entry(model, out, kind, quant, data, keep_head, kind == first, traced is not model)
+    entries = [entry(model, out, kind, quant, data, keep_head, kind == first, done)
                for kind, _ in graphs.values()]
     if parity_tokens:
         check(model, out, entries, parity_tokens, threads, parity_text, memo)

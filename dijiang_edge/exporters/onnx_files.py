@@ -70,20 +70,49 @@ def constant_nodes(mp, values: list) -> list[str]:
     return [n.name for n in mp.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in same]
 
 
-def quantize(mp, quant: str, vocab: int, keep_head: bool = False, keep: list | None = None):
+def _grid_quantize(mp, vocab: int, o: dict, exclude: list[str], four_bit: list, keep_head: bool):
+    """``int4`` over a grid-split model (``grid.py``): the MatMuls of ``four_bit`` (the
+    ``GridLinear`` joint weights, found by content) to 4-bit ``MatMulNBits`` with zero
+    points, which holds their grid rows exactly (the grid's own codes, scales and zero
+    points); every other MatMul (``side_up``, the head) to 8 bits, symmetric; the
+    embedding with the head's 8-bit tensors.  (``nodes_to_include`` does not restrict
+    onnxruntime 1.32's quantizer: each pass excludes what it must not touch.)"""
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    mats = [a for w in four_bit for a in (w.cpu().numpy(), np.ascontiguousarray(w.cpu().numpy().T))]
+    four = [n for n in constant_nodes(mp, mats) if n not in exclude]
+    others = [n.name for n in mp.graph.node if n.op_type == "MatMul" and n.name not in four]
+    vocab_mats = None if keep_head else onnx_vocab.find(mp, vocab)
+    q = MatMulNBitsQuantizer(mp, bits=4, block_size=o["block_size"], is_symmetric=False,
+                             accuracy_level=o["accuracy_level"], nodes_to_exclude=others)
+    q.process()
+    q = MatMulNBitsQuantizer(q.model.model, bits=8, block_size=o["block_size"], is_symmetric=True,
+                             accuracy_level=o["accuracy_level"], nodes_to_exclude=exclude)
+    q.process()
+    if vocab_mats is None:
+        return q.model.model
+    return onnx_vocab.quantize_embedding(q.model.model, vocab_mats, vocab, 8, o["block_size"])
+
+
+def quantize(mp, quant: str, vocab: int, keep_head: bool = False, keep: list | None = None,
+             four_bit: list | None = None):
     """``mp`` (fp32 ``ModelProto``) with its MatMul weights quantized as ``quant`` says.
 
     ``keep``: constant matrices whose MatMuls stay fp32 -- the projections P (one per
     layer in an imported official checkpoint), which define the feature map and are
     tiny; ``keep_head``: the lm_head too (and the embedding table).  With ``MatMulNBits``
     the embedding is block-quantized as well, over the head's own tensors when the head
-    is tied (``onnx_vocab``)."""
+    is tied (``onnx_vocab``).  ``four_bit``: the joint weights of a grid-split model
+    (``grid.four_bit_weights``), which ``int4`` quantizes to 4 bits, the rest to 8
+    (``_grid_quantize``)."""
     check_quant(quant)
     method, o = QUANTS[quant]
     exclude = (lm_head_nodes(mp, vocab) if keep_head else []) + \
         (constant_nodes(mp, keep) if keep else [])
     if method == "none":
         return mp
+    if method == "nbits" and o["bits"] == 4 and four_bit:
+        return _grid_quantize(mp, vocab, o, exclude, four_bit, keep_head)
     if method == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         vocab_mats = None if keep_head else onnx_vocab.find(mp, vocab)
