@@ -336,18 +336,23 @@ class DiJiangAttention(nn.Module):
         window's softmax output with the finished linear output,
         ``sigmoid(window_weight) * num / den + (1 - sigmoid(window_weight)) * linear``."""
         a = self.a
-        h, d = a.n_heads, a.head_dim
+        h, hkv, d = a.n_heads, a.n_kv_heads, a.head_dim
         if win is not None and a.window_mode == "shared":
+            # in the window's [B, H_kv, rep, T, *] layout: two layout changes (of ``o`` in, of
+            # the result out) where bringing ``num`` and ``mx`` to ``o``'s would take four
             num, mx = win
-            w = (self.window_weight[:, None] - mx).clamp(max=60.0).exp() * float(self.linear_on)
-            num, den = (num + w * ops.reshape_bt(o, [h, d + 1])).split([d, 1], dim=-1)
-            return self.out_proj(self.gated(ops.reshape_bt(num / den, [-1]), x, gate))
+            o = ops.reshape_bt(o, [hkv, h // hkv, d + 1]).permute(0, 2, 3, 1, 4)
+            ww = self.window_weight.view(hkv, h // hkv, 1, 1)
+            w = (ww - mx).clamp(max=60.0).exp() * float(self.linear_on)
+            num, den = (num + w * o).split([d, 1], dim=-1)
+            o = ops.reshape_bt((num / den).permute(0, 3, 1, 2, 4), [-1])
+            return self.out_proj(self.gated(o, x, gate))
         if a.variant != "official":
             o, z = ops.reshape_bt(o, [h, d + 1]).split([d, 1], dim=-1)
             o = ops.reshape_bt(o / (z + a.eps), [-1])
         o = self.gated(o, x, gate)
         if win is not None:
-            num, den = win[0].split([d, 1], dim=-1)
+            num, den = ops.reshape_bt(win[0].permute(0, 3, 1, 2, 4), [h, -1]).split([d, 1], dim=-1)
             lam = torch.sigmoid(self.window_weight)[:, None] if self.linear_on else self.window_weight.new_ones(h, 1)
             o = ops.reshape_bt(lam * (num / den) + (1 - lam) * ops.reshape_bt(o, [h, d]), [-1])
         return self.out_proj(o)
@@ -395,7 +400,7 @@ class DiJiangAttention(nn.Module):
         return self.finish(x, o, gate, win), [s, *self._ring(keys, vals, ctx)]
 
     def window_sums(self, q: Tensor, keys: Tensor, vals: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        """The window's ``(num, mx)`` as ``[B, T, H, *]`` (``attention.window_softmax``;
+        """The window's ``(num, mx)`` as ``[B, H_kv, rep, T, *]`` (``attention.window_softmax``;
         ``vals`` carry the ones column, so ``num``'s last column is the normaliser);
         exported graphs (``window_block == 0``) share one mask per call."""
         a = self.a
@@ -408,7 +413,7 @@ class DiJiangAttention(nn.Module):
             mask = ctx.once("window_mask", lambda: A.window_mask(start, q.shape[-2], a.window, rep=rep))
             kv = (keys, vals) if rep else (keys[:, :, None], vals[:, :, None])
             parts = A.window_softmax(q, *kv, mask, scale)
-        return tuple(ops.reshape_bt(p.permute(0, 3, 1, 2, 4), [a.n_heads, -1]) for p in parts)
+        return parts
 
     def _entering(self, ctx: Context) -> Tensor:
         """``[B, 1, T]``: 1 where step n moves a real token out of the window (position >= W)."""

@@ -89,7 +89,9 @@ def test_prepared_model_is_the_same_function(hf_models, arch, variant):
     model = dijiang_edge.convert(hf_models[arch], variant=variant, chunk_size=8).double()
     prepared = prepare_for_int8(model, CALIB)
     rotated = [m for m in prepared.modules() if isinstance(m, RotatedLinear)]
-    assert len(rotated) == 1 + 2 * len(model.layers)          # head, and each layer's two output linears
+    folded = sum(type(getattr(layer.attn, "o_proj", None)) is torch.nn.Linear for layer in prepared.layers)
+    assert folded == 0 or variant == "normalized"                         # o_proj's rotation in v_proj
+    assert len(rotated) == 1 + 2 * len(model.layers) - folded             # head, each layer's output linears
     assert not torch.equal(prepared.layers[0].input_layernorm.weight, model.layers[0].input_layernorm.weight)
     ids = _ids(40)
     assert rel_err(prepared(ids)[0], model(ids)[0]) < 1e-10
@@ -113,6 +115,27 @@ def test_every_input_rotated_and_fused_is_the_same_function(hf_models, arch, mix
     assert all((layer.attn.in_proj.mix is not None) == mix for layer in fused.layers)
     ids = _ids(40)
     assert rel_err(fused(ids)[0], model(ids)[0]) < 1e-10
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch,mode", [(a, "shared") for a in ARCHS] + [("llama", "mix")])
+def test_output_rotation_folded_into_the_values(hf_models, arch, mode):
+    """In the normalized variant, with a window (its ring then holds rotated values) or
+    without, ``o_proj``'s input rotation moves into ``v_proj``'s rows: ``o_proj`` is left a
+    plain linear and the model is the same function, past the window too."""
+    for window in (0, 6):
+        model = dijiang_edge.convert(hf_models[arch], variant="normalized", chunk_size=4, window=window,
+                                     window_mode=mode).double()
+        prepared = prepare_for_int8(model, CALIB, block=8, every_input=True)    # blocks within a head
+        attn = prepared.layers[0].attn
+        if not hasattr(attn, "v_proj"):          # fused q/k/v (GPT-NeoX): nothing to fold into
+            assert isinstance(attn.dense, RotatedLinear)
+            continue
+        assert type(attn.o_proj) is torch.nn.Linear and isinstance(attn.v_proj, RotatedLinear)
+        ids = _ids(23)
+        assert rel_err(prepared(ids)[0], model(ids)[0]) < 1e-10
+        mixed = prepare_for_int8(model, CALIB, block=8, every_input=True, mix=True)   # across heads: not folded
+        assert isinstance(mixed.layers[0].attn.o_proj, RotatedLinear)
 
 
 @torch.no_grad()

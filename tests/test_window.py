@@ -51,7 +51,8 @@ def _reference_layer(attn, x, ctx):
                                              lg, a.window, d ** -0.5)
     heads_last = (lambda z: z.transpose(1, 2).float())
     lin = heads_last(lin).reshape(b, t, -1)
-    return attn.finish(x, lin, gate, (heads_last(torch.cat((num[..., :d], den), -1)), heads_last(mx)))
+    grouped = (lambda z: z.float().reshape(b, hkv, rep, t, z.shape[-1]))     # the window's layout
+    return attn.finish(x, lin, gate, (grouped(torch.cat((num[..., :d], den), -1)), grouped(mx)))
 
 
 def _reference_logits(model, ids):

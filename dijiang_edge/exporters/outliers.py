@@ -252,7 +252,9 @@ def block_for(k: int, block: int = BLOCK) -> int:
 def rotate(model: nn.Module, block: int = BLOCK, every_input: bool = False, mix: bool = False,
            head: bool = True) -> None:
     """Block-Hadamard rotation of the inputs of the head and each layer's output linears
-    (``every_input``: of every linear of the layers; ``mix``: across blocks too)."""
+    (``every_input``: of every linear of the layers; ``mix``: across blocks too).  Where
+    ``o_proj``'s input is linear in the values (``fold_into_values``), its rotation moves
+    into ``v_proj``'s weights: no matmul is left for it in the graph."""
     def wrap(parent: nn.Module, name: str) -> None:
         lin = getattr(parent, name, None)
         if isinstance(lin, nn.Linear) and block_for(lin.in_features, block) >= 8:
@@ -260,10 +262,36 @@ def rotate(model: nn.Module, block: int = BLOCK, every_input: bool = False, mix:
     if head:
         wrap(model, "lm_head")
     for layer in model.layers:
+        folded = () if mix else fold_into_values(layer.attn, model.args, block)
         for part in (layer.mlp, layer.attn):
             for name, child in list(part.named_children()):
-                if every_input or name in OUTPUT_LINEARS:
+                if (every_input or name in OUTPUT_LINEARS) and not (part is layer.attn and name in folded):
                     wrap(part, name)
+
+
+@torch.no_grad()
+def fold_into_values(attn: nn.Module, a, block: int) -> tuple[str, ...]:
+    """``o_proj(R o)`` as ``o_proj'(o')`` with ``o' = R o`` computed upstream: in the
+    ``normalized`` variant each head's output (window and linear parts alike) is a
+    weighted sum of that head's values divided by a scalar, so rotating every value
+    vector by the same per-head block rotation rotates the output exactly.  ``v_proj``'s
+    rows (and bias) take the rotation, ``o_proj`` takes ``W R^T`` as ``RotatedLinear``
+    would, and the values the window's ring keeps are the rotated ones.  Returns the
+    names left unwrapped (``("o_proj",)``), or ``()`` where the output is not linear in
+    the values (a gate or the official GroupNorm in between, fused q/k/v)."""
+    out, v = getattr(attn, "o_proj", None), getattr(attn, "v_proj", None)
+    if a.variant != "normalized" or not isinstance(out, nn.Linear) or not isinstance(v, nn.Linear):
+        return ()
+    b = block_for(out.in_features, block)
+    if b < 8 or a.head_dim % b:
+        return ()
+    h = hadamard(b, torch.float64)
+    wt = v.weight.double().T                              # [k, n_v]: v = x wt + bias
+    v.weight.copy_((wt.reshape(wt.shape[0], -1, b) @ h.T).reshape(wt.shape).T)
+    if v.bias is not None:
+        v.bias.copy_((v.bias.double().reshape(-1, b) @ h.T).reshape(-1))
+    attn.o_proj = RotatedLinear(out, b).inner
+    return ("o_proj",)
 
 
 def prepare_for_int8(model: nn.Module, calibration_ids: np.ndarray, alpha: float = ALPHA,
