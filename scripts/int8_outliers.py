@@ -41,6 +41,7 @@ class NBitsInt8(nn.Module):
     def __init__(self, lin: nn.Linear, block: int = 32):
         super().__init__()
         self.lin, self.block = copy.deepcopy(lin), block
+        self.in_features, self.out_features = lin.in_features, lin.out_features    # RotatedLinear reads them
         with torch.no_grad():
             self.lin.weight.copy_(_blockwise(self.lin.weight, block))
 
