@@ -147,13 +147,14 @@ def _updates(model) -> dict[str, tuple[Tensor, Tensor]]:
     weights), read back from the file its record names; empty for a plain conversion or
     when that file is gone or changed (its projections are then simply off the grid)."""
     from .adapter import applied, load_adapter
+    from .errors import DiJiangError
     rec = applied(model)
     path = rec.get("path")
     if not rec.get("applied") or not path:
         return {}
     try:
         ad = load_adapter(path)
-    except Exception:
+    except DiJiangError:         # gone or damaged: a bug anywhere else must still surface
         return {}
     if ad.sha256 != rec.get("sha256"):
         return {}
