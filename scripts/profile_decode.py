@@ -37,6 +37,8 @@ def profile(folder: str, path: str, context: int, threads: int, steps: int) -> d
     for name in ("sess", "decode", "prefill"):        # the runner's session(s), whatever it calls them
         if hasattr(runner, name):
             setattr(runner, name, sess)
+    if hasattr(runner, "keeps"):                      # the ONNX runner's per-session input table
+        runner.keeps[id(sess)] = "logits_to_keep" in {i.name for i in sess.get_inputs()}
     tok = np.array([[5]], np.int64)
     for _ in range(steps):
         runner.forward(tok)
