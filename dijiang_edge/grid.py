@@ -34,11 +34,15 @@ LEVELS = 16          # 4 bits
 TOLERANCE = 1e-3     # off-grid distance allowed, in grid steps (float rounding of m + d q, of W - sBA)
 
 
-def find_grid(w: Tensor, block: int = BLOCK, levels: int = LEVELS,
-              tol: float = TOLERANCE) -> tuple[Tensor, Tensor] | None:
+def find_grid(w: Tensor, block: int = BLOCK, levels: int = LEVELS, tol: float = TOLERANCE,
+              zero: int | None = None) -> tuple[Tensor, Tensor] | None:
     """``(grid part d (q - z) [N, K], residual r [N, K / block])`` of ``w [N, K]`` whose
     every block of ``block`` inputs takes values ``m + d q``, ``q`` in ``0..levels-1``
-    (both ends used, as ggml's Q4_1 quantizer makes them); None when any block is off it."""
+    (both ends used, as ggml's Q4_1 quantizer makes them); None when any block is off it.
+
+    ``zero``: one zero point for every block (``levels // 2`` gives the symmetric codes
+    ``-8..7`` that XNNPACK's 4-bit weights hold, their scale ``d`` recovered exactly from
+    the block's ends); the residual ``r = m + d z`` is then no longer small."""
     n, k = w.shape
     if k % block:
         return None
@@ -49,8 +53,11 @@ def find_grid(w: Tensor, block: int = BLOCK, levels: int = LEVELS,
     q = torch.where(flat, torch.zeros_like(b), (b - lo) / torch.where(flat, torch.ones_like(d), d))
     if float((q - q.round()).abs().max()) > tol:
         return None
-    z = torch.where(flat, torch.zeros_like(d), (-lo / torch.where(flat, torch.ones_like(d), d)).round())
-    z = z.clamp(0, levels - 1)
+    if zero is None:
+        z = torch.where(flat, torch.zeros_like(d), (-lo / torch.where(flat, torch.ones_like(d), d)).round())
+        z = z.clamp(0, levels - 1)
+    else:
+        z = torch.full_like(d, float(zero))
     grid = d * (q.round() - z)
     return grid.reshape(n, k).to(w.dtype), (lo + d * z).squeeze(-1).to(w.dtype)
 
@@ -121,6 +128,13 @@ class GridLinear(nn.Module):
         w = self.grid.double() + self.residual.double().repeat_interleave(self.block, dim=1)[:, :k]
         return w + self.lora_up.double() @ self.lora_down.double()
 
+    def compact(self) -> None:
+        """Drop the parts kept for ``weight_equivalent`` and ``fuse``: the forward needs only
+        its two matmuls, and a traced ``.pte`` program would otherwise carry the parts as
+        unused constants (33 MB in the default's)."""
+        for name in ("residual", "lora_down", "lora_up"):
+            delattr(self, name)
+
     def forward(self, x: Tensor) -> Tensor:
         y, s = self.joint(x).split([self.n, self.side], dim=-1)
         return y + self.side_up(s)
@@ -161,10 +175,10 @@ def _updates(model) -> dict[str, tuple[Tensor, Tensor]]:
     return {name: (a, b * ad.scale) for name, (a, b) in ad.lora.items()}
 
 
-def split(model, block: int = BLOCK) -> int:
+def split(model, block: int = BLOCK, zero: int | None = None) -> int:
     """Replace, in place, every projection of ``model``'s layers whose weight (less its
     adapter update) lies on a 4-bit grid by its ``GridLinear``; the number replaced.
-    Use on an export copy (``transforms.export_copy``)."""
+    Use on an export copy (``transforms.export_copy``); ``zero``: as ``find_grid``."""
     updates = _updates(model)
     done = 0
     for layer_name, layer in model.layers.named_children():
@@ -175,7 +189,7 @@ def split(model, block: int = BLOCK) -> int:
             lora = updates.get(full)
             w = mod.weight.detach()
             base = w - (lora[1] @ lora[0]).to(w.dtype) if lora is not None else w
-            found = find_grid(base, block)
+            found = find_grid(base, block, zero=zero)
             if found is None:
                 continue
             parent, attr = (layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer), name.rsplit(".", 1)[-1]

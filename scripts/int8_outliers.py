@@ -1,14 +1,17 @@
 """Top-1 agreement and perplexity of int8 against fp32, in eager PyTorch, for plain
 quantization and the outlier treatments of ``exporters/outliers.py``.
 
-    python scripts/int8_outliers.py MODEL [--scheme pte|onnx] [--tokens 2048] [--alpha 0.5]
+    python scripts/int8_outliers.py MODEL [--scheme pte|pte4|onnx] [--tokens 2048] [--alpha 0.5]
 
 ``pte``: torchao's 8da8w (XNNPACK's scheme: one int8 scale per token row, per-channel
 weights) and the int8 embedding, plain and after each outlier treatment, the last one the
 ``.pte``'s (``executorch.PTE_OUTLIERS``); ``--recipes 0,6`` runs just those.  ``onnx``:
 onnxruntime's ``MatMulNBits`` int8 compute simulated (symmetric int8 weights and inputs,
 one scale per 32 values of a row), plain / the ``.pte`` recipe / every input rotated in
-32 x 32 blocks (the ONNX recipe).  No lowering: a recipe is judged in minutes.
+32 x 32 blocks (the ONNX recipe).  ``pte4``: the ``.pte``'s int4 (8da4w), round-to-nearest
+after the outlier rewrite against the source's 4-bit grid kept with 0 / 16 / 32 / 64
+outlier channels carried aside (``executorch.GRID_OUTLIER_CHANNELS``).  No lowering: a
+recipe is judged in minutes.
 """
 
 import argparse
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from dijiang_edge.conversion import convert
+from dijiang_edge.exporters import executorch
 from dijiang_edge.exporters.executorch import PTE_OUTLIERS, quantize
 from dijiang_edge.exporters.onnx import OUTLIER_BLOCK
 from dijiang_edge.exporters.outliers import ALPHA, calibration_ids, prepare_for_int8
@@ -72,7 +76,7 @@ def logits(model, ref_model, ids: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--scheme", default="pte", choices=["pte", "onnx"])
+    ap.add_argument("--scheme", default="pte", choices=["pte", "pte4", "onnx"])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--alpha", type=float, default=ALPHA, help="SmoothQuant migration strength")
     ap.add_argument("--recipes", default="", help="comma list of recipe numbers to run (default: all)")
@@ -96,6 +100,18 @@ def main() -> None:
                    ("every input rotated, alpha 0.65", prep(every_input=True, alpha=0.65)),
                    ("the .pte recipe (PTE_OUTLIERS)", prep(**PTE_OUTLIERS))]
         run = lambda m: quantize(m, "8da8w", "8w")     # noqa: E731
+    elif a.scheme == "pte4":
+        def grid_kept(n):
+            def make():
+                executorch.GRID_OUTLIER_CHANNELS = n
+                return quantize(model, "8da4w", "8w", calib)
+            return make
+        rounded = executorch._grid_recipe
+        recipes = [("round-to-nearest after the rewrite",
+                    lambda: (setattr(executorch, "_grid_recipe", lambda *_: None),
+                             quantize(model, "8da4w", "8w", calib), setattr(executorch, "_grid_recipe", rounded))[1])]
+        recipes += [(f"grid kept, {n} outlier channels", grid_kept(n)) for n in (0, 16, 32, 64)]
+        run = lambda m: m      # noqa: E731  (already quantized)
     else:
         block = OUTLIER_BLOCK["int8"]
         recipes = [("plain", lambda: model),

@@ -123,3 +123,40 @@ def test_split_leaves_what_is_off_the_grid(llama):
     fused = transforms.fuse_projections(mixed)
     assert fused.layers[0].attn.in_proj is None            # one on the grid, two off: they stay apart
     assert fused.layers[1].attn.in_proj is not None
+
+
+def test_find_grid_with_the_symmetric_zero_point():
+    """``zero=8``: the codes ``q - 8`` fill XNNPACK's symmetric -8..7 and the block's step
+    is what ``max(-min / 8, max / 7)`` of the grid part gives back; grid + residual is the
+    weight."""
+    w = q41(torch.randn(16, 96) * 0.05)
+    g, r = grid.find_grid(w, zero=8)
+    assert rel_err(g + r.repeat_interleave(32, dim=1), w) < 1e-6
+    gb = g.reshape(16, 3, 32)
+    step = torch.maximum(-gb.amin(-1) / 8, gb.amax(-1) / 7)[..., None]
+    codes = gb / step
+    assert (codes - codes.round()).abs().max() < 1e-4
+    assert codes.round().amin() == -8 and codes.round().amax() == 7
+
+
+def test_grid_codes_survive_torchao_8da4w_exactly():
+    """The ``.pte`` int4 recipe's config for grid parts rounds nothing: dequantized, the
+    4-bit weight is the grid part (the default ``absmax / 7.5`` scale would round it again)."""
+    from torchao.quantization.quant_api import quantize_
+    from dijiang_edge.exporters.executorch import _linear_config
+    g, _ = grid.find_grid(q41(torch.randn(24, 64) * 0.05), zero=8)
+    for exact, bound in ((True, 1e-6), (False, None)):
+        lin = torch.nn.Sequential(torch.nn.Linear(64, 24, bias=False))
+        with torch.no_grad():
+            lin[0].weight.copy_(g)
+        quantize_(lin, _linear_config("8da4w", exact_grid=exact))
+        err = rel_err(lin[0].weight.dequantize(), g)
+        assert (err < bound) if exact else (err > 1e-3)
+
+
+def test_compact_grid_linear_computes_the_same():
+    lin, w, b = _grid_linear(24, 96, 8, 5, bias=True)
+    x = torch.randn(2, 3, 96, dtype=torch.float64)
+    lin.compact()
+    assert rel_err(lin(x), F.linear(x, w, b)) < 1e-12
+    assert not {"residual", "lora_down", "lora_up"} & {n for n, _ in lin.named_buffers()}

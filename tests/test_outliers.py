@@ -152,3 +152,60 @@ def test_outlier_treatment_brings_int8_closer_to_fp32(hf_models):
     plain = quantize(model, "8da8w", None)(ids)[0]
     treated = quantize(model, "8da8w", None, CALIB)(ids)[0]
     assert rel_err(treated, ref) < 0.75 * rel_err(plain, ref)     # measured: 0.15 vs 0.26
+
+
+def test_split_outliers_is_the_same_function():
+    """``SplitOutliers`` around a plain linear and around a ``GridLinear``: the same output
+    (float64), the chosen channels zeroed in the inner linear's input and carried aside."""
+    from conftest import q41
+    from dijiang_edge import grid
+    from dijiang_edge.exporters.outliers import SplitOutliers, split_outliers
+    torch.manual_seed(0)
+    base = q41(torch.randn(24, 64) * 0.05).double()
+    lora = (torch.randn(4, 64, dtype=torch.float64) * 0.1, torch.randn(24, 4, dtype=torch.float64) * 0.1)
+    g, r = grid.find_grid(base, zero=8)
+    parent = torch.nn.Module()
+    parent.plain = torch.nn.Linear(64, 24, dtype=torch.float64)
+    parent.grid = grid.GridLinear(g, None, r, lora)
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    x[..., [3, 40]] *= 100                                              # two outlier channels
+    want = {n: getattr(parent, n)(x) for n in ("plain", "grid")}
+    amax = {n: x.abs().reshape(-1, 64).amax(0) for n in ("plain", "grid")}
+    assert split_outliers(parent, amax, 2) == 2
+    for n in ("plain", "grid"):
+        mod = getattr(parent, n)
+        assert isinstance(mod, SplitOutliers) and torch.equal(torch.nonzero(mod.keep == 0).flatten(), torch.tensor([3, 40]))
+        assert (mod.in_features, mod.out_features) == (64, 24)
+        assert (mod(x) - want[n]).abs().max() / want[n].abs().max() < 1e-12
+    assert parent.plain.pick is parent.grid.pick                       # same width, same channels: one pick
+    assert isinstance(parent.grid.inner, grid.GridLinear)               # the grid itself untouched
+    assert torch.equal(parent.grid.inner.grid, g)
+
+
+@torch.no_grad()
+def test_int4_keeps_a_4bit_source_on_its_grid(hf_models, monkeypatch):
+    """``.pte`` int4 of a model whose projections lie on Q4_1 grids: the grids kept (no
+    rotation), the outlier channels carried aside, much closer to fp32 than
+    round-to-nearest 8da4w after the outlier rewrite (which rounds every weight again)."""
+    from conftest import q41
+    from dijiang_edge import grid
+    from dijiang_edge.exporters import executorch
+    from dijiang_edge.exporters.outliers import SplitOutliers
+    model = dijiang_edge.convert(hf_models["llama"], chunk_size=8)
+    for name, mod in model.named_modules():
+        if type(mod) is torch.nn.Linear and name.startswith("layers."):
+            mod.weight.copy_(q41(mod.weight))
+    for layer in model.layers:
+        layer.input_layernorm.weight[[3, 17]] *= 40
+    ids = _ids(64)
+    ref = model(ids)[0]
+    kept = quantize(model, "8da4w", "8w", CALIB)
+    assert isinstance(kept.lm_head, SplitOutliers)
+    assert not any(isinstance(m, RotatedLinear) for m in kept.modules())
+    grids = [m for m in kept.modules() if isinstance(m, grid.GridLinear)]
+    assert len(grids) == 8 * len(model.layers) and not any(hasattr(m, "residual") for m in grids)   # compacted
+    monkeypatch.setattr(executorch, "_grid_recipe", lambda *a: None)
+    rounded = quantize(model, "8da4w", "8w", CALIB)
+    assert any(isinstance(m, RotatedLinear) for m in rounded.modules())
+    state = lambda: model.init_state(ids.shape[0])      # noqa: E731  (the int8 embedding has no .weight)
+    assert rel_err(kept(ids, state())[0], ref) < 0.5 * rel_err(rounded(ids, state())[0], ref)   # measured: 0.11 vs 0.49

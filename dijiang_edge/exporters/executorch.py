@@ -106,11 +106,17 @@ class Int8Embedding(nn.Module):
         return rows.reshape(*rows.shape[:-2], -1)
 
 
-def _linear_config(qlinear: str):
+def _linear_config(qlinear: str, exact_grid: bool = False):
+    """torchao's config for ``qlinear``; ``exact_grid``: 4-bit scales from a group's ends
+    (``max(-min / 8, max / 7)``), which recover a symmetric grid's step exactly where
+    round-to-nearest's ``absmax / 7.5`` would round every code again."""
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.quant_primitives import MappingType
     dtype, gran = (torch.int8, PerAxis(0)) if qlinear == "8da8w" else (torch.int4, PerGroup(32))
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=gran)
+    mapping = MappingType.SYMMETRIC_NO_CLIPPING_ERR if exact_grid else MappingType.SYMMETRIC
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=gran,
+                                                 weight_mapping_type=mapping)
 
 
 # The .pte's outlier treatment, chosen by measurement in eager PyTorch on the adapted default
@@ -119,6 +125,17 @@ def _linear_config(qlinear: str):
 PTE_OUTLIERS = {"alpha": 0.65, "every_input": True, "mix": True}
 PTE_OUTLIERS_LABEL = ("smoothed (alpha 0.65) + rotated, every linear input, 64x64 Hadamard blocks "
                       "mixed across blocks (outliers.py)")
+GRID_LABEL = ("4-bit grids of the source kept (grid.py, symmetric codes), {n} outlier input channels "
+              "per linear carried in fp32 (outliers.SplitOutliers)")
+
+
+def outlier_label(model: nn.Module) -> str | None:
+    """The manifest's words for the outlier treatment ``quantize`` gave ``model``."""
+    from .outliers import RotatedLinear, SplitOutliers
+    split = [m for m in model.modules() if isinstance(m, SplitOutliers)]
+    if split:
+        return GRID_LABEL.format(n=max(m.pick.out_features for m in split))
+    return PTE_OUTLIERS_LABEL if any(isinstance(m, RotatedLinear) for m in model.modules()) else None
 
 
 def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
@@ -133,6 +150,10 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
         if bad:
             raise DiJiangError(f"8da4w quantizes in groups of 32 input channels; {bad[0]} has "
                                f"{model.get_submodule(bad[0]).in_features}: use --qlinear 8da8w")
+    if qlinear == "8da4w" and calibration_ids is not None:
+        grid_model = _grid_recipe(model, qembedding, calibration_ids, label)
+        if grid_model is not None:
+            return grid_model
     if qlinear and calibration_ids is not None:
         from .outliers import prepare_for_int8
         with stage(label, f"smoothing and rotating activation outliers ({len(calibration_ids)} tokens)"):
@@ -144,6 +165,45 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
     with stage(label, "quantizing " + " + ".join(x for x in (qlinear and f"linears {qlinear}",
                                                              qembedding and f"embedding {qembedding}") if x)):
         return _quantize_copy(model, qlinear, qembedding)
+
+
+# 8da4w over a source already on 4-bit grids (the default's Q4_1): the grid kept exactly
+# (``grid.split`` with the symmetric zero point), the outlier channels taken out instead of
+# rotated away (a rotation would move every weight off its grid) and carried in fp32, which
+# 8 bits measured worse than. Chosen in eager PyTorch on the adapted default
+# (``scripts/int8_outliers.py default --scheme pte4``, docs/int8.md).
+GRID_OUTLIER_CHANNELS = 32
+
+
+def _grid_recipe(model: nn.Module, qembedding: str | None, calibration_ids: np.ndarray,
+                 label: str) -> nn.Module | None:
+    """``quantize``'s 8da4w for a model whose projections lie on 4-bit grids, or None when
+    none does: the grid parts (``GridLinear.joint``) at 4 bits with their own steps, the
+    side paths, the head and any projection off a grid at 8 (``8da8w``), the embedding as
+    ``qembedding`` says."""
+    from .. import grid
+    from .outliers import SplitOutliers, input_absmax, split_outliers
+    model = copy.deepcopy(model).eval()
+    if model.lm_head.weight is model.embed.weight:
+        model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    with stage(label, f"finding the 4-bit grids and the outlier channels ({len(calibration_ids)} tokens)"):
+        amax = input_absmax(model, calibration_ids)
+        if not grid.split(model, zero=grid.LEVELS // 2):
+            return None
+        split_outliers(model, amax, GRID_OUTLIER_CHANNELS)
+        for m in model.modules():
+            if isinstance(m, grid.GridLinear):
+                m.compact()
+    with stage(label, "quantizing the grids 8da4w, the rest 8da8w" + (f", the embedding {qembedding}" if qembedding else "")):
+        from torchao.quantization.quant_api import quantize_
+        if qembedding:
+            model.embed = Int8Embedding(model.embed.weight)
+        four = {id(m.joint) for m in model.modules() if isinstance(m, grid.GridLinear)}
+        fp32 = {id(p) for m in model.modules() if isinstance(m, SplitOutliers) for p in (m.pick, m.cols)}
+        quantize_(model, _linear_config("8da4w", exact_grid=True), filter_fn=lambda m, _: id(m) in four)
+        quantize_(model, _linear_config("8da8w"),
+                  filter_fn=lambda m, _: type(m) is nn.Linear and id(m) not in four | fp32)
+    return model
 
 
 def _quantize_copy(model: nn.Module, qlinear: str | None, qembedding: str | None) -> nn.Module:
@@ -394,7 +454,7 @@ def build_pte(model: nn.Module, path: Path, quant: str = "fp32", max_seq_len: in
                            f"executorch version changed InitializedMutableBufferPass: please report it")
     path.write_bytes(program.buffer)
     return {"qlinear": qlinear, "qembedding": qembedding, "seconds": round(time.time() - t0, 1),
-            "graph": delegated_fraction(program)}
+            "graph": delegated_fraction(program), "outliers": outlier_label(model)}
 
 
 # ----------------------------------------------------------------------------
@@ -453,7 +513,7 @@ def export(model: nn.Module, out_dir: str | Path, quant: str = "fp32", max_seq_l
                for n, s in zip(buffer_names(model), model.state_shapes(1))],
         checksums=M.checksums(out_dir, [name]),
         extras={"qlinear": facts["qlinear"], "qembedding": facts["qembedding"],
-                "int8_outliers": PTE_OUTLIERS_LABEL if calibrated else None,
+                "int8_outliers": facts["outliers"],
                 "max_seq_len": max_seq_len, "max_context_len": max_context_len, "graph": facts["graph"]})
     if parity_tokens > 0:
         check(model, out_dir, entry, parity_tokens, parity_text, memo)

@@ -319,3 +319,78 @@ def calibration_ids(model: nn.Module, out_dir: Path, text: str) -> np.ndarray:
     from ..tokenizer import load_tokenizer
     tok = load_tokenizer(out_dir) if (Path(out_dir) / "tokenizer.json").exists() else None
     return text_ids(tok, model.args.vocab_size, CALIBRATION_TOKENS, text)[0]
+
+
+# ----------------------------------------------------------------------------
+# Outlier channels taken out (LLM.int8()'s decomposition): for weights that must stay on
+# their source's 4-bit grid, where a rotation or smoothing would move them off it.
+# ----------------------------------------------------------------------------
+
+class SplitOutliers(nn.Module):
+    """``inner(x * keep) + cols(pick(x))``: the linear ``inner`` sees its input with the
+    calibrated outlier channels zeroed, so one int8 scale per token row is set by the
+    ordinary channels, and the outlier channels go through a narrow side path: ``pick``
+    (one-hot rows, exact at 8 bits) selects them and ``cols`` holds ``inner``'s full
+    weight columns for them.  The same function as ``inner`` up to float rounding;
+    ``inner``'s weights are untouched (a grid stays a grid)."""
+
+    def __init__(self, inner: nn.Module, weight: Tensor, channels: Tensor, pick: nn.Linear | None = None):
+        super().__init__()
+        k = weight.shape[1]
+        self.inner = inner
+        keep = torch.ones(k, dtype=weight.dtype)
+        keep[channels] = 0
+        self.register_buffer("keep", keep)
+        self.pick = pick if pick is not None else self.picker(k, channels, weight.dtype)
+        self.cols = nn.Linear(len(channels), weight.shape[0], bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            self.cols.weight.copy_(weight[:, channels])
+        self.cols.weight.requires_grad_(False)
+
+    @staticmethod
+    def picker(k: int, channels: Tensor, dtype: torch.dtype) -> nn.Linear:
+        """The one-hot ``pick`` of ``channels`` out of ``k``; one module can serve every
+        linear of the same input (q, k and v; gate and up): stored once in a program."""
+        pick = nn.Linear(k, len(channels), bias=False, dtype=dtype)
+        with torch.no_grad():
+            pick.weight.copy_(torch.eye(k, dtype=dtype)[channels])
+        pick.weight.requires_grad_(False)
+        return pick
+
+    @property
+    def in_features(self) -> int:
+        return self.pick.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.cols.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x * self.keep) + self.cols(self.pick(x))
+
+
+def split_outliers(model: nn.Module, amax: dict[str, Tensor], channels: int) -> int:
+    """Wrap, in place, the head and every layer linear named in ``amax`` (``input_absmax``
+    of the model before any replacement) in ``SplitOutliers`` around its ``channels``
+    largest input channels; the number wrapped.  A ``grid.GridLinear`` keeps its codes,
+    its columns come from ``weight_equivalent``.  Linears that read the same channels of
+    the same width share one ``pick``."""
+    done, picks = 0, {}
+    for name in sorted(amax):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        mod = getattr(parent, attr)
+        if hasattr(mod, "weight_equivalent"):
+            weight = mod.weight_equivalent().to(next(mod.parameters()).dtype)
+        elif type(mod) is nn.Linear:
+            weight = mod.weight.detach()
+        else:
+            continue
+        n = min(channels, weight.shape[1])
+        if n:
+            chosen = amax[name].topk(n).indices.sort().values
+            key = (weight.shape[1], weight.dtype, tuple(chosen.tolist()))
+            picks.setdefault(key, SplitOutliers.picker(weight.shape[1], chosen, weight.dtype))
+            setattr(parent, attr, SplitOutliers(mod, weight, chosen, picks[key]))
+            done += 1
+    return done
