@@ -522,12 +522,12 @@ class DiJiangForCausalLM(nn.Module):
 
     def layer_state(self, batch: int = 1) -> list[Tensor]:
         """A fresh (empty) state for one layer."""
-        dev, dt = self.embed.weight.device, self.layers[0].attn.proj.dtype   # float32 unless .double()
-        return [torch.zeros(s, device=dev, dtype=dt) for s in self.layer_state_shapes(batch)]
+        proj = self.layers[0].attn.proj       # (not the embedding's weight: a quantized embedding has none)
+        return [torch.zeros(s, device=proj.device, dtype=proj.dtype) for s in self.layer_state_shapes(batch)]
 
     def init_state(self, batch: int = 1) -> RecurrentState:
         layers = [t for _ in self.layers for t in self.layer_state(batch)]
-        return RecurrentState(layers, torch.zeros(batch, dtype=torch.long, device=self.embed.weight.device))
+        return RecurrentState(layers, torch.zeros(batch, dtype=torch.long, device=self.layers[0].attn.proj.device))
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and signed sin ``[B, T, 1, head_dim]`` for ``positions [B, T]`` (``rope_tables``)."""

@@ -248,6 +248,28 @@ def test_export_failure_names_layer_and_op(tiny_model, monkeypatch):
 
 # -- SmolLM2-135M ---------------------------------------------------------------------
 
+@torch.no_grad()
+def test_int4_on_a_grid_computes_the_eager_recipe(tiny_src, tmp_path):
+    """A model whose projections lie on Q4_1 grids: the int4 file keeps them (the
+    manifest says so) and XNNPACK computes what the eager quantized model computes."""
+    from conftest import q41
+    from dijiang_edge.exporters import executorch as et
+    model = dijiang_edge.convert(str(tiny_src), chunk_size=8).eval()
+    for name, mod in model.named_modules():
+        if type(mod) is torch.nn.Linear and name.startswith("layers."):
+            mod.weight.copy_(q41(mod.weight))
+    out = tmp_path / "int4"
+    out.mkdir()
+    shutil.copy(tiny_src / "tokenizer.json", out / "tokenizer.json")
+    entry = et.export(model, out, "int4", max_seq_len=MAX_SEQ, parity_tokens=0)[0]
+    assert entry.extras["int8_outliers"].startswith("4-bit grids of the source kept")
+    eager = et.quantize(model, "8da4w", "8w", et.calibration_ids(model, out, "pydoc"))
+    ids = _ids(out, model, 96)
+    figs = measure(eager, PteRunner(out / entry.path, entry), ids, greedy=0)
+    print(f"\nint4 (grid) .pte vs the eager recipe: {figs}")
+    assert figs["max_rel_err"] < 0.02 and figs["top1_agreement"] >= 0.97, figs     # measured: 0.004, 100%
+
+
 @pytest.fixture(scope="module")
 def smol_export(tmp_path_factory):
     """fp32 + int8 files of the default model (or an existing folder: $DIJIANG_PTE_DIR)."""
