@@ -128,34 +128,16 @@ class GridLinear(nn.Module):
         w = self.grid.double() + self.residual.double().repeat_interleave(self.block, dim=1)[:, :k]
         return w + self.lora_up.double() @ self.lora_down.double()
 
+    def compact(self) -> None:
+        """Drop the parts kept for ``weight_equivalent`` and ``fuse``: the forward needs only
+        its two matmuls, and a traced ``.pte`` program would otherwise carry the parts as
+        unused constants (33 MB in the default's)."""
+        for name in ("residual", "lora_down", "lora_up"):
+            delattr(self, name)
+
     def forward(self, x: Tensor) -> Tensor:
         y, s = self.joint(x).split([self.n, self.side], dim=-1)
         return y + self.side_up(s)
-
-
-class GridApart(nn.Module):
-    """A ``GridLinear`` with its joint matmul as two, ``main`` (the grid rows, the bias)
-    and ``down`` (the side's down rows): the ``.pte``'s form. XNNPACK runs neither a split
-    nor a slice of a dynamically shaped output, so splitting the joint's output would cut
-    the delegated graph at every projection; two 4-bit matmuls of the same input do not."""
-
-    def __init__(self, g: GridLinear):
-        super().__init__()
-        n, k = g.n, g.in_features
-        w = g.joint.weight.detach()
-        self.main = nn.Linear(k, n, bias=g.joint.bias is not None, dtype=w.dtype)
-        self.down = nn.Linear(k, g.side, bias=False, dtype=w.dtype)
-        self.side_up = g.side_up
-        with torch.no_grad():
-            self.main.weight.copy_(w[:n])
-            self.down.weight.copy_(w[n:])
-            if g.joint.bias is not None:
-                self.main.bias.copy_(g.joint.bias[:n])
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.main(x) + self.side_up(self.down(x))
 
 
 def fuse(parts: list[GridLinear]) -> GridLinear:

@@ -154,12 +154,9 @@ def test_grid_codes_survive_torchao_8da4w_exactly():
         assert (err < bound) if exact else (err > 1e-3)
 
 
-def test_grid_apart_computes_the_same():
-    """The ``.pte``'s two-matmul form: the same function, none of the parts
-    ``weight_equivalent`` reads (a traced program would carry them unused)."""
+def test_compact_grid_linear_computes_the_same():
     lin, w, b = _grid_linear(24, 96, 8, 5, bias=True)
     x = torch.randn(2, 3, 96, dtype=torch.float64)
-    apart = grid.GridApart(lin)
-    assert rel_err(apart(x), F.linear(x, w, b)) < 1e-12
-    assert not {n for n, _ in apart.named_buffers()}
-    assert apart.main.weight.shape == (24, 96) and apart.down.weight.shape == (lin.side, 96)
+    lin.compact()
+    assert rel_err(lin(x), F.linear(x, w, b)) < 1e-12
+    assert not {"residual", "lora_down", "lora_up"} & {n for n, _ in lin.named_buffers()}

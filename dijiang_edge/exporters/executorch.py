@@ -178,7 +178,7 @@ GRID_OUTLIER_CHANNELS = 32
 def _grid_recipe(model: nn.Module, qembedding: str | None, calibration_ids: np.ndarray,
                  label: str) -> nn.Module | None:
     """``quantize``'s 8da4w for a model whose projections lie on 4-bit grids, or None when
-    none does: the grid parts (``grid.GridApart``'s two matmuls) at 4 bits with their own steps, the
+    none does: the grid parts (``GridLinear.joint``) at 4 bits with their own steps, the
     side paths, the head and any projection off a grid at 8 (``8da8w``), the embedding as
     ``qembedding`` says."""
     from .. import grid
@@ -191,15 +191,14 @@ def _grid_recipe(model: nn.Module, qembedding: str | None, calibration_ids: np.n
         if not grid.split(model, zero=grid.LEVELS // 2):
             return None
         split_outliers(model, amax, GRID_OUTLIER_CHANNELS)
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, grid.GridLinear):
-                    setattr(parent, name, grid.GridApart(child))   # weight_equivalent's parts stay behind: no unused constants
+        for m in model.modules():
+            if isinstance(m, grid.GridLinear):
+                m.compact()
     with stage(label, "quantizing the grids 8da4w, the rest 8da8w" + (f", the embedding {qembedding}" if qembedding else "")):
         from torchao.quantization.quant_api import quantize_
         if qembedding:
             model.embed = Int8Embedding(model.embed.weight)
-        four = {id(lin) for m in model.modules() if isinstance(m, grid.GridApart) for lin in (m.main, m.down)}
+        four = {id(m.joint) for m in model.modules() if isinstance(m, grid.GridLinear)}
         fp32 = {id(p) for m in model.modules() if isinstance(m, SplitOutliers) for p in (m.pick, m.cols)}
         quantize_(model, _linear_config("8da4w", exact_grid=True), filter_fn=lambda m, _: id(m) in four)
         quantize_(model, _linear_config("8da8w"),
