@@ -10,7 +10,7 @@ onnxruntime's ``MatMulNBits`` int8 compute simulated (symmetric int8 weights and
 one scale per 32 values of a row), plain / the ``.pte`` recipe / every input rotated in
 32 x 32 blocks (the ONNX recipe).  ``pte4``: the ``.pte``'s int4 (8da4w), round-to-nearest
 after the outlier rewrite against the source's 4-bit grid kept with 0 / 16 / 32 / 64
-outlier channels carried aside (``executorch.GRID_OUTLIER_CHANNELS``).  No lowering: a
+outlier channels carried aside (``quantize``'s ``grid_channels``).  No lowering: a
 recipe is judged in minutes.
 """
 
@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from dijiang_edge.conversion import convert
-from dijiang_edge.exporters import executorch
 from dijiang_edge.exporters.executorch import PTE_OUTLIERS, quantize
 from dijiang_edge.exporters.onnx import OUTLIER_BLOCK
 from dijiang_edge.exporters.outliers import ALPHA, calibration_ids, prepare_for_int8
@@ -101,16 +100,9 @@ def main() -> None:
                    ("the .pte recipe (PTE_OUTLIERS)", prep(**PTE_OUTLIERS))]
         run = lambda m: quantize(m, "8da8w", "8w")     # noqa: E731
     elif a.scheme == "pte4":
-        def grid_kept(n):
-            def make():
-                executorch.GRID_OUTLIER_CHANNELS = n
-                return quantize(model, "8da4w", "8w", calib)
-            return make
-        rounded = executorch._grid_recipe
-        recipes = [("round-to-nearest after the rewrite",
-                    lambda: (setattr(executorch, "_grid_recipe", lambda *_: None),
-                             quantize(model, "8da4w", "8w", calib), setattr(executorch, "_grid_recipe", rounded))[1])]
-        recipes += [(f"grid kept, {n} outlier channels", grid_kept(n)) for n in (0, 16, 32, 64)]
+        quant4 = lambda n: lambda: quantize(model, "8da4w", "8w", calib, grid_channels=n)   # noqa: E731
+        recipes = [("round-to-nearest after the rewrite", quant4(None))]
+        recipes += [(f"grid kept, {n} outlier channels", quant4(n)) for n in (0, 16, 32, 64)]
         run = lambda m: m      # noqa: E731  (already quantized)
     else:
         block = OUTLIER_BLOCK["int8"]

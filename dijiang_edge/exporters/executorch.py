@@ -138,20 +138,32 @@ def outlier_label(model: nn.Module) -> str | None:
     return PTE_OUTLIERS_LABEL if any(isinstance(m, RotatedLinear) for m in model.modules()) else None
 
 
+# 8da4w over a source already on 4-bit grids (the default's Q4_1): the grid kept exactly
+# (``grid.split`` with the symmetric zero point), the outlier channels taken out instead of
+# rotated away (a rotation would move every weight off its grid) and carried in fp32, which
+# 8 bits measured worse than. Chosen in eager PyTorch on the adapted default
+# (``scripts/int8_outliers.py default --scheme pte4``, docs/int8.md).
+GRID_OUTLIER_CHANNELS = 32
+
+
 def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
-             calibration_ids: np.ndarray | None = None, label: str = "pte") -> nn.Module:
+             calibration_ids: np.ndarray | None = None, label: str = "pte",
+             grid_channels: int | None = GRID_OUTLIER_CHANNELS) -> nn.Module:
     """A quantized copy of ``model`` (the original is left as it is).
 
     Before dynamically quantized linears, activation outliers are smoothed and
     rotated away (``outliers.prepare_for_int8``, calibrated on ``calibration_ids``):
-    the same function in fp32, much closer to it in int8.  ``label``: of the progress lines."""
+    the same function in fp32, much closer to it in int8.  ``label``: of the progress lines.
+    8da4w of projections on 4-bit grids keeps the grids, ``grid_channels`` outlier channels
+    per linear carried aside (``_grid_recipe``); None rounds them to nearest after the
+    rewrite instead (the comparison ``scripts/int8_outliers.py --scheme pte4`` makes)."""
     if qlinear == "8da4w":                    # refused before any work
         bad = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32]
         if bad:
             raise DiJiangError(f"8da4w quantizes in groups of 32 input channels; {bad[0]} has "
                                f"{model.get_submodule(bad[0]).in_features}: use --qlinear 8da8w")
-    if qlinear == "8da4w" and calibration_ids is not None:
-        grid_model = _grid_recipe(model, qembedding, calibration_ids, label)
+    if qlinear == "8da4w" and calibration_ids is not None and grid_channels is not None:
+        grid_model = _grid_recipe(model, qembedding, calibration_ids, label, grid_channels)
         if grid_model is not None:
             return grid_model
     if qlinear and calibration_ids is not None:
@@ -167,30 +179,22 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
         return _quantize_copy(model, qlinear, qembedding)
 
 
-# 8da4w over a source already on 4-bit grids (the default's Q4_1): the grid kept exactly
-# (``grid.split`` with the symmetric zero point), the outlier channels taken out instead of
-# rotated away (a rotation would move every weight off its grid) and carried in fp32, which
-# 8 bits measured worse than. Chosen in eager PyTorch on the adapted default
-# (``scripts/int8_outliers.py default --scheme pte4``, docs/int8.md).
-GRID_OUTLIER_CHANNELS = 32
-
-
 def _grid_recipe(model: nn.Module, qembedding: str | None, calibration_ids: np.ndarray,
-                 label: str) -> nn.Module | None:
+                 label: str, channels: int) -> nn.Module | None:
     """``quantize``'s 8da4w for a model whose projections lie on 4-bit grids, or None when
     none does: the grid parts (``GridLinear.joint``) at 4 bits with their own steps, the
     side paths, the head and any projection off a grid at 8 (``8da8w``), the embedding as
     ``qembedding`` says."""
     from .. import grid
     from .outliers import SplitOutliers, input_absmax, split_outliers
-    model = copy.deepcopy(model).eval()
+    source, model = model, copy.deepcopy(model).eval()
     if model.lm_head.weight is model.embed.weight:
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
     with stage(label, f"finding the 4-bit grids and the outlier channels ({len(calibration_ids)} tokens)"):
-        amax = input_absmax(model, calibration_ids)
         if not grid.split(model, zero=grid.LEVELS // 2):
             return None
-        split_outliers(model, amax, GRID_OUTLIER_CHANNELS)
+        # calibrated on the untouched source: the same inputs, under its plain linears' names
+        split_outliers(model, input_absmax(source, calibration_ids), channels)
         for m in model.modules():
             if isinstance(m, grid.GridLinear):
                 m.compact()
