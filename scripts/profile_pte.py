@@ -27,6 +27,7 @@ def main() -> None:
     a = ap.parse_args()
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the softmax baseline's llama::* kernels)
     portable_lib._unsafe_reset_threadpool(a.threads)
     m = portable_lib._load_for_executorch(a.pte, enable_etdump=True, debug_buffer_size=0)
     m.forward((torch.arange(3, 35)[None], torch.tensor([0])))
