@@ -128,16 +128,56 @@ class GridLinear(nn.Module):
         w = self.grid.double() + self.residual.double().repeat_interleave(self.block, dim=1)[:, :k]
         return w + self.lora_up.double() @ self.lora_down.double()
 
-    def compact(self) -> None:
-        """Drop the parts kept for ``weight_equivalent`` and ``fuse``: the forward needs only
-        its two matmuls, and a traced ``.pte`` program would otherwise carry the parts as
-        unused constants (33 MB in the default's)."""
-        for name in ("residual", "lora_down", "lora_up"):
-            delattr(self, name)
-
     def forward(self, x: Tensor) -> Tensor:
         y, s = self.joint(x).split([self.n, self.side], dim=-1)
         return y + self.side_up(s)
+
+
+class GridApart(nn.Module):
+    """A ``GridLinear`` with its joint matmul as two, ``main`` (the grid rows,
+    the bias) and ``down`` (the side's down rows): the ``.pte``'s form.  XNNPACK takes no
+    split of a matmul's output, so the joint's split would be a portable op between two
+    delegate calls at every projection; two 4-bit matmuls of the same input stay in one
+    (the same numbers: one input, one dynamic activation scale, the same weight rows)."""
+
+    def __init__(self, g: GridLinear):
+        super().__init__()
+        n, k = g.n, g.in_features
+        w = g.joint.weight.detach()
+        self.main = nn.Linear(k, n, bias=g.joint.bias is not None, dtype=w.dtype)
+        self.down = nn.Linear(k, g.side, bias=False, dtype=w.dtype)
+        self.side_up = g.side_up
+        with torch.no_grad():
+            self.main.weight.copy_(w[:n])
+            self.down.weight.copy_(w[n:])
+            if g.joint.bias is not None:
+                self.main.bias.copy_(g.joint.bias[:n])
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.main.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.main.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.main(x) + self.side_up(self.down(x))
+
+
+def apart(model: nn.Module) -> int:
+    """Replace, in place, every ``GridLinear`` of ``model`` by its ``GridApart``; the number
+    replaced.  The parts only ``weight_equivalent`` and ``fuse`` read stay behind (a traced
+    program would otherwise carry them as unused constants: 33 MB in the default's)."""
+    done = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GridLinear):
+                setattr(parent, name, GridApart(child))
+                done += 1
+    return done
 
 
 def fuse(parts: list[GridLinear]) -> GridLinear:

@@ -102,7 +102,13 @@ def _fused_grid(mods: list[nn.Module]) -> nn.Module | None | bool:
     return fuse(mods) if kinds == {True} else None
 
 
-def fuse_projections(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
+FUSED_INPUTS = {"attn.in_proj": "attn.q_proj", "mlp.gate_up": "mlp.gate_proj"}   # fused -> a part of the same input
+_PARTS = {"attn": ("q_proj", "k_proj", "v_proj", "gate"), "mlp": ("gate_proj", "up_proj")}   # what each replaces
+
+
+def fuse_projections(model: DiJiangForCausalLM, drop_parts: bool = False) -> DiJiangForCausalLM:
+    """``drop_parts``: set the projections a fusion replaced to None (a ``.pte`` program
+    would otherwise carry them as unused constants; a traced ONNX graph drops them itself)."""
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
         if attn.a.arch != "gpt_neox":
@@ -124,6 +130,12 @@ def fuse_projections(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
                 (g, gb), (u, ub) = _plain(mlp.gate_proj), _plain(mlp.up_proj)
                 fused = fused_linear([(g.weight, g.bias), (u.weight, u.bias)], [gb, ub])
             mlp.gate_up = fused
+        if drop_parts:
+            for kind, owner in (("attn", attn), ("mlp", mlp)):
+                if getattr(owner, kind == "attn" and "in_proj" or "gate_up", None) is not None:
+                    for name in _PARTS[kind]:
+                        if getattr(owner, name, None) is not None:
+                            setattr(owner, name, None)
     return model
 
 

@@ -125,6 +125,27 @@ def test_split_leaves_what_is_off_the_grid(llama):
     assert fused.layers[1].attn.in_proj is not None
 
 
+def test_fused_parts_dropped_for_a_program(llama):
+    """``drop_parts`` (the ``.pte``'s recipe): the parts a fusion replaced are None, the ones
+    left apart stay, the function is unchanged."""
+    mixed = transforms.export_copy(llama).eval()
+    with torch.no_grad():
+        mixed.layers[0].attn.q_proj.weight = torch.nn.Parameter(q41(llama.layers[0].attn.q_proj.weight))
+    grid.split(mixed)
+    ids = torch.randint(0, 97, (2, 21))
+    with torch.no_grad():
+        want = mixed(ids)[0]
+        fused = transforms.fuse_projections(transforms.export_copy(mixed), drop_parts=True)
+        assert rel_err(fused(ids)[0], want) < 1e-5
+    first, second = fused.layers[0], fused.layers[1]
+    assert first.attn.in_proj is None and isinstance(first.attn.q_proj, grid.GridLinear)    # kept apart
+    assert first.attn.k_proj is not None and first.attn.gate is not None
+    assert second.attn.q_proj is None and second.attn.gate is None and second.mlp.gate_proj is None
+    assert first.mlp.gate_up is not None and first.mlp.up_proj is None
+    names = {n for n, _ in fused.named_parameters()}
+    assert not any(".1.attn.q_proj" in n or ".mlp.up_proj" in n for n in names)
+
+
 def test_find_grid_with_the_symmetric_zero_point():
     """``zero=8``: the codes ``q - 8`` fill XNNPACK's symmetric -8..7 and the block's step
     is what ``max(-min / 8, max / 7)`` of the grid part gives back; grid + residual is the
@@ -154,9 +175,16 @@ def test_grid_codes_survive_torchao_8da4w_exactly():
         assert (err < bound) if exact else (err > 1e-3)
 
 
-def test_compact_grid_linear_computes_the_same():
+def test_grid_apart_computes_the_same():
+    """The ``.pte``'s two-matmul form: the same function, none of the parts
+    ``weight_equivalent`` reads (a traced program would carry them unused)."""
     lin, w, b = _grid_linear(24, 96, 8, 5, bias=True)
     x = torch.randn(2, 3, 96, dtype=torch.float64)
-    lin.compact()
-    assert rel_err(lin(x), F.linear(x, w, b)) < 1e-12
-    assert not {"residual", "lora_down", "lora_up"} & {n for n, _ in lin.named_buffers()}
+    parent = torch.nn.Module()
+    parent.lin = lin
+    assert grid.apart(parent) == 1
+    got = parent.lin
+    assert isinstance(got, grid.GridApart) and (got.in_features, got.out_features) == (96, 24)
+    assert rel_err(got(x), F.linear(x, w, b)) < 1e-12
+    assert not {n for n, _ in got.named_buffers()}
+    assert got.main.weight.shape == (24, 96) and got.down.weight.shape == (lin.side, 96)

@@ -201,8 +201,29 @@ def test_int4_keeps_a_4bit_source_on_its_grid(hf_models):
     kept = quantize(model, "8da4w", "8w", CALIB)
     assert isinstance(kept.lm_head, SplitOutliers)
     assert not any(isinstance(m, RotatedLinear) for m in kept.modules())
-    grids = [m for m in kept.modules() if isinstance(m, grid.GridLinear)]
-    assert len(grids) == 8 * len(model.layers) and not any(hasattr(m, "residual") for m in grids)   # compacted
+    # q, k, v, gate fused, o, gate and up fused, down: four per layer, each as two matmuls
+    assert sum(isinstance(m, grid.GridApart) for m in kept.modules()) == 4 * len(model.layers)
+    assert not any(isinstance(m, grid.GridLinear) for m in kept.modules())
+    layer = kept.layers[0]
+    assert isinstance(layer.attn.in_proj.inner, grid.GridApart) and layer.attn.q_proj is None
+    assert isinstance(layer.mlp.gate_up.inner, grid.GridApart) and layer.mlp.up_proj is None
+    assert isinstance(layer.attn.o_proj.inner, grid.GridApart)
     rounded = quantize(model, "8da4w", "8w", CALIB, grid_channels=None)
     assert any(isinstance(m, RotatedLinear) for m in rounded.modules())
     assert rel_err(kept(ids)[0], ref) < 0.5 * rel_err(rounded(ids)[0], ref)   # measured: 0.11 vs 0.49
+
+
+@torch.no_grad()
+def test_fused_projections_quantize_to_the_same_numbers(hf_models, monkeypatch):
+    """``quantize`` fuses q, k, v (and the gate) and gate, up before 8da8w: one input, so one
+    dynamic activation scale per token, and weights scaled per row: the fused program
+    computes what the separate linears did, to float rounding."""
+    from dijiang_edge.exporters import executorch as ex
+    model = dijiang_edge.convert(hf_models["llama"], chunk_size=8)
+    ids = _ids(32)
+    fused = quantize(model, "8da8w", "8w", CALIB)
+    assert fused.layers[0].attn.q_proj is None and fused.layers[0].mlp.gate_proj is None
+    monkeypatch.setattr(ex, "fuse_projections", lambda m, drop_parts=False: m)
+    apart = quantize(model, "8da8w", "8w", CALIB)
+    assert apart.layers[0].attn.in_proj is None
+    assert rel_err(fused(ids)[0], apart(ids)[0]) < 1e-4
