@@ -251,7 +251,8 @@ def test_export_failure_names_layer_and_op(tiny_model, monkeypatch):
 @torch.no_grad()
 def test_int4_on_a_grid_computes_the_eager_recipe(tiny_src, tmp_path):
     """A model whose projections lie on Q4_1 grids: the int4 file keeps them (the
-    manifest says so) and XNNPACK computes what the eager quantized model computes."""
+    manifest says so), in few delegate calls, and XNNPACK computes what the eager
+    quantized model computes."""
     from conftest import q41
     from dijiang_edge.exporters import executorch as et
     model = dijiang_edge.convert(str(tiny_src), chunk_size=8).eval()
@@ -263,6 +264,9 @@ def test_int4_on_a_grid_computes_the_eager_recipe(tiny_src, tmp_path):
     shutil.copy(tiny_src / "tokenizer.json", out / "tokenizer.json")
     entry = et.export(model, out, "int4", max_seq_len=MAX_SEQ, parity_tokens=0)[0]
     assert entry.extras["int8_outliers"].startswith("4-bit grids of the source kept")
+    # no split of a 4-bit matmul's output between delegate calls (grid.GridApart, fused
+    # projections): 6 XNNPACK subgraphs on this 1-layer model, 8 with a joint matmul split
+    assert entry.extras["graph"]["xnnpack_subgraphs"] <= 6 * model.args.n_layers, entry.extras["graph"]
     eager = et.quantize(model, "8da4w", "8w", et.calibration_ids(model, out, "pydoc"))
     ids = _ids(out, model, 96)
     figs = measure(eager, PteRunner(out / entry.path, entry), ids, greedy=0)
