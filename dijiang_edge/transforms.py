@@ -102,8 +102,9 @@ def _fused_grid(mods: list[nn.Module]) -> nn.Module | None | bool:
     return fuse(mods) if kinds == {True} else None
 
 
-FUSED_INPUTS = {"attn.in_proj": "attn.q_proj", "mlp.gate_up": "mlp.gate_proj"}   # fused -> a part of the same input
-_PARTS = {"attn": ("q_proj", "k_proj", "v_proj", "gate"), "mlp": ("gate_proj", "up_proj")}   # what each replaces
+# each fusion: (block, its fused projection) -> the projections it replaces, which share its input
+FUSIONS = {("attn", "in_proj"): ("q_proj", "k_proj", "v_proj", "gate"), ("mlp", "gate_up"): ("gate_proj", "up_proj")}
+FUSED_INPUTS = {f"{b}.{f}": f"{b}.{parts[0]}" for (b, f), parts in FUSIONS.items()}   # fused -> a part of its input
 
 
 def fuse_projections(model: DiJiangForCausalLM, drop_parts: bool = False) -> DiJiangForCausalLM:
@@ -131,9 +132,10 @@ def fuse_projections(model: DiJiangForCausalLM, drop_parts: bool = False) -> DiJ
                 fused = fused_linear([(g.weight, g.bias), (u.weight, u.bias)], [gb, ub])
             mlp.gate_up = fused
         if drop_parts:
-            for kind, owner in (("attn", attn), ("mlp", mlp)):
-                if getattr(owner, kind == "attn" and "in_proj" or "gate_up", None) is not None:
-                    for name in _PARTS[kind]:
+            for (block, fused_name), parts in FUSIONS.items():
+                owner = getattr(layer, block)
+                if getattr(owner, fused_name, None) is not None:
+                    for name in parts:
                         if getattr(owner, name, None) is not None:
                             setattr(owner, name, None)
     return model
@@ -151,6 +153,7 @@ def for_onnx(model: DiJiangForCausalLM, kind: str) -> DiJiangForCausalLM:
 
 def for_pte(model: DiJiangForCausalLM) -> DiJiangForCausalLM:
     """The model the ``.pte`` program is traced from: the masked core (one graph for
-    prefill and decode), constant decays.  Projections stay apart: the ``.pte`` is
-    quantized in PyTorch, per linear layer, after the outlier rewrite."""
+    prefill and decode), constant decays.  The projections are fused before this, by
+    ``exporters.executorch.quantize``: the ``.pte`` is quantized in PyTorch, per linear
+    layer, after the outlier rewrite, and a fused linear must exist by then."""
     return freeze_decay(use_core(export_copy(model).eval(), "masked"))

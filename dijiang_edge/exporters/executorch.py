@@ -200,7 +200,7 @@ def _grid_recipe(model: nn.Module, qembedding: str | None, calibration_ids: np.n
         # q, k, v and gate, up as one projection each: a third of the graph's nodes fewer
         fuse_projections(model, drop_parts=True)
         # calibrated on the untouched source: the same inputs, under its plain linears' names
-        split_outliers(model, fused_input_absmax(model, input_absmax(source, calibration_ids)), channels)
+        split_outliers(model, fused_input_absmax(input_absmax(source, calibration_ids)), channels)
         grid.apart(model)            # two 4-bit matmuls per projection, no split between delegate calls
     with stage(label, "quantizing the grids 8da4w, the rest 8da8w" + (f", the embedding {qembedding}" if qembedding else "")):
         from torchao.quantization.quant_api import quantize_

@@ -369,27 +369,17 @@ class SplitOutliers(nn.Module):
         return self.inner(x * self.keep) + self.cols(self.pick(x))
 
 
-def fused_input_absmax(model: nn.Module, amax: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``amax`` (``input_absmax`` of the model before fusion) under the names of ``model``
-    after ``transforms.fuse_projections``: a fused projection reads its parts' input."""
+def fused_input_absmax(amax: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``amax`` (``input_absmax`` of the model before fusion) with the names of the fused
+    projections too (``transforms.fuse_projections``: a fused projection reads its parts'
+    input); ``split_outliers`` skips the names a model has no linear under."""
     from ..transforms import FUSED_INPUTS
-    out = {}
+    out = dict(amax)
     for name, a in amax.items():
         for fused, part in FUSED_INPUTS.items():
             if name.endswith("." + part):
-                fname = name[:-len(part)] + fused
-                if _module_or_none(model, fname) is not None:
-                    out[fname] = a
-        if _module_or_none(model, name) is not None:
-            out[name] = a
+                out[name[:-len(part)] + fused] = a
     return out
-
-
-def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def split_outliers(model: nn.Module, amax: dict[str, Tensor], channels: int) -> int:
