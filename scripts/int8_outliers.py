@@ -10,7 +10,8 @@ onnxruntime's ``MatMulNBits`` int8 compute simulated (symmetric int8 weights and
 one scale per 32 values of a row), plain / the ``.pte`` recipe / every input rotated in
 32 x 32 blocks (the ONNX recipe).  ``pte4``: the ``.pte``'s int4 (8da4w), round-to-nearest
 after the outlier rewrite against the source's 4-bit grid kept with 0 / 16 / 32 / 64
-outlier channels carried aside (``quantize``'s ``grid_channels``).  No lowering: a
+outlier channels carried aside (``quantize``'s ``grid_channels``), then 32 everywhere but
+one kind of linear (which of them need their channels aside).  No lowering: a
 recipe is judged in minutes.
 """
 
@@ -103,6 +104,8 @@ def main() -> None:
         quant4 = lambda n: lambda: quantize(model, "8da4w", "8w", calib, grid_channels=n)   # noqa: E731
         recipes = [("round-to-nearest after the rewrite", quant4(None))]
         recipes += [(f"grid kept, {n} outlier channels", quant4(n)) for n in (0, 16, 32, 64)]
+        kinds = ("in_proj", "o_proj", "gate_up", "down_proj", "lm_head")      # the linears after fusion
+        recipes += [(f"32 channels, none at {k}", quant4({**dict.fromkeys(kinds, 32), k: 0})) for k in kinds]
         run = lambda m: m      # noqa: E731  (already quantized)
     else:
         block = OUTLIER_BLOCK["int8"]

@@ -182,6 +182,22 @@ def test_split_outliers_is_the_same_function():
     assert torch.equal(parent.grid.inner.grid, g)
 
 
+def test_split_outliers_counts_per_kind():
+    """A dict of counts keyed by the linear's own name: each kind its own number of
+    channels aside, a kind it does not name left as it is."""
+    from dijiang_edge.exporters.outliers import SplitOutliers, split_outliers
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.in_proj, block.o_proj, block.gate_up = (torch.nn.Linear(64, 8) for _ in range(3))
+    parent = torch.nn.Module()
+    parent.block = block
+    amax = {f"block.{n}": torch.rand(64) for n in ("in_proj", "o_proj", "gate_up")}
+    assert split_outliers(parent, amax, {"in_proj": 3, "gate_up": 5, "o_proj": 0}) == 2
+    assert block.in_proj.pick.out_features == 3 and block.gate_up.pick.out_features == 5
+    assert type(block.o_proj) is torch.nn.Linear and not isinstance(block.o_proj, SplitOutliers)
+    assert set(torch.nonzero(block.in_proj.keep == 0).flatten().tolist()) == set(amax["block.in_proj"].topk(3).indices.tolist())
+
+
 @torch.no_grad()
 def test_int4_keeps_a_4bit_source_on_its_grid(hf_models):
     """``.pte`` int4 of a model whose projections lie on Q4_1 grids: the grids kept (no

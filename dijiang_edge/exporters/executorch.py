@@ -148,7 +148,7 @@ GRID_OUTLIER_CHANNELS = 32
 
 def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
              calibration_ids: np.ndarray | None = None, label: str = "pte",
-             grid_channels: int | None = GRID_OUTLIER_CHANNELS) -> nn.Module:
+             grid_channels: int | dict[str, int] | None = GRID_OUTLIER_CHANNELS) -> nn.Module:
     """A quantized copy of ``model`` (the original is left as it is).
 
     Before dynamically quantized linears, activation outliers are smoothed and
@@ -156,7 +156,7 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
     the same function in fp32, much closer to it in int8.  ``label``: of the progress lines.
     Projections of one input are fused first (``transforms.fuse_projections``).
     8da4w of projections on 4-bit grids keeps the grids, ``grid_channels`` outlier channels
-    per linear carried aside (``_grid_recipe``); None rounds them to nearest after the
+    per linear carried aside (``_grid_recipe``; a dict: per kind, ``outliers.channels_for``); None rounds them to nearest after the
     rewrite instead (the comparison ``scripts/int8_outliers.py --scheme pte4`` makes)."""
     if qlinear == "8da4w":                    # refused before any work
         bad = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32]
@@ -184,7 +184,7 @@ def quantize(model: nn.Module, qlinear: str | None, qembedding: str | None,
 
 
 def _grid_recipe(model: nn.Module, qembedding: str | None, calibration_ids: np.ndarray,
-                 label: str, channels: int) -> nn.Module | None:
+                 label: str, channels: int | dict[str, int]) -> nn.Module | None:
     """``quantize``'s 8da4w for a model whose projections lie on 4-bit grids, or None when
     none does: the grid parts (``grid.GridApart``'s two matmuls) at 4 bits with their own
     steps, the side paths, the head and any projection off a grid at 8 (``8da8w``), the

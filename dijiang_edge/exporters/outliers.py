@@ -382,12 +382,19 @@ def fused_input_absmax(amax: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def split_outliers(model: nn.Module, amax: dict[str, Tensor], channels: int) -> int:
+def channels_for(name: str, channels: int | dict[str, int]) -> int:
+    """How many channels ``split_outliers`` carries aside for the linear ``name``:
+    ``channels``, or ``channels[last part of name]`` (0 where a dict does not name it)."""
+    return channels if isinstance(channels, int) else channels.get(name.rpartition(".")[2], 0)
+
+
+def split_outliers(model: nn.Module, amax: dict[str, Tensor], channels: int | dict[str, int]) -> int:
     """Wrap, in place, the head and every layer linear named in ``amax`` (``input_absmax``
     of the model before any replacement) in ``SplitOutliers`` around its ``channels``
-    largest input channels; the number wrapped.  A ``grid.GridLinear`` keeps its codes,
-    its columns come from ``weight_equivalent``.  Linears that read the same channels of
-    the same width share one ``pick``."""
+    largest input channels (``channels_for``: one count, or one per kind of linear, such
+    as ``{"in_proj": 32, "lm_head": 32}``); the number wrapped.  A ``grid.GridLinear``
+    keeps its codes, its columns come from ``weight_equivalent``.  Linears that read the
+    same channels of the same width share one ``pick``."""
     done, picks = 0, {}
     for name in sorted(amax):
         parent_name, _, attr = name.rpartition(".")
@@ -399,7 +406,7 @@ def split_outliers(model: nn.Module, amax: dict[str, Tensor], channels: int) -> 
             weight = mod.weight.detach()
         else:
             continue
-        n = min(channels, weight.shape[1])
+        n = min(channels_for(name, channels), weight.shape[1])
         if n:
             chosen = amax[name].topk(n).indices.sort().values
             key = (weight.shape[1], weight.dtype, tuple(chosen.tolist()))
