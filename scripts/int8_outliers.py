@@ -105,7 +105,7 @@ def main() -> None:
         recipes = [("round-to-nearest after the rewrite", quant4(None))]
         recipes += [(f"grid kept, {n} outlier channels", quant4(n)) for n in (0, 16, 32, 64)]
         kinds = ("in_proj", "o_proj", "gate_up", "down_proj", "lm_head")      # the linears after fusion
-        recipes += [(f"32 channels, none at {k}", quant4({**dict.fromkeys(kinds, 32), k: 0})) for k in kinds]
+        recipes += [(f"32 channels, none at {k}", quant4({"*": 32, k: 0})) for k in kinds]
         run = lambda m: m      # noqa: E731  (already quantized)
     else:
         block = OUTLIER_BLOCK["int8"]

@@ -196,6 +196,10 @@ def test_split_outliers_counts_per_kind():
     assert block.in_proj.pick.out_features == 3 and block.gate_up.pick.out_features == 5
     assert type(block.o_proj) is torch.nn.Linear and not isinstance(block.o_proj, SplitOutliers)
     assert set(torch.nonzero(block.in_proj.keep == 0).flatten().tolist()) == set(amax["block.in_proj"].topk(3).indices.tolist())
+    block.in_proj, block.o_proj, block.gate_up = (torch.nn.Linear(64, 8) for _ in range(3))
+    assert split_outliers(parent, amax, {"*": 4, "o_proj": 0}) == 2            # "*": every kind not named
+    assert block.in_proj.pick.out_features == 4 == block.gate_up.pick.out_features
+    assert type(block.o_proj) is torch.nn.Linear
 
 
 @torch.no_grad()
@@ -223,7 +227,10 @@ def test_int4_keeps_a_4bit_source_on_its_grid(hf_models):
     layer = kept.layers[0]
     assert isinstance(layer.attn.in_proj.inner, grid.GridApart) and layer.attn.q_proj is None
     assert isinstance(layer.mlp.gate_up.inner, grid.GridApart) and layer.mlp.up_proj is None
-    assert isinstance(layer.attn.o_proj.inner, grid.GridApart)
+    assert isinstance(layer.attn.o_proj, grid.GridApart)           # no channels aside (GRID_OUTLIER_CHANNELS)
+    assert isinstance(layer.mlp.down_proj.inner, grid.GridApart)
+    from dijiang_edge.exporters.executorch import outlier_label
+    assert outlier_label(kept).endswith("(outliers.SplitOutliers), none for o_proj")
     rounded = quantize(model, "8da4w", "8w", CALIB, grid_channels=None)
     assert any(isinstance(m, RotatedLinear) for m in rounded.modules())
     assert rel_err(kept(ids)[0], ref) < 0.5 * rel_err(rounded(ids)[0], ref)   # measured: 0.11 vs 0.49

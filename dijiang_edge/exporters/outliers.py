@@ -384,15 +384,17 @@ def fused_input_absmax(amax: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def channels_for(name: str, channels: int | dict[str, int]) -> int:
     """How many channels ``split_outliers`` carries aside for the linear ``name``:
-    ``channels``, or ``channels[last part of name]`` (0 where a dict does not name it)."""
-    return channels if isinstance(channels, int) else channels.get(name.rpartition(".")[2], 0)
+    ``channels``, or ``channels[last part of name]`` (else ``channels["*"]``, else 0)."""
+    if isinstance(channels, int):
+        return channels
+    return channels.get(name.rpartition(".")[2], channels.get("*", 0))
 
 
 def split_outliers(model: nn.Module, amax: dict[str, Tensor], channels: int | dict[str, int]) -> int:
     """Wrap, in place, the head and every layer linear named in ``amax`` (``input_absmax``
     of the model before any replacement) in ``SplitOutliers`` around its ``channels``
     largest input channels (``channels_for``: one count, or one per kind of linear, such
-    as ``{"in_proj": 32, "lm_head": 32}``); the number wrapped.  A ``grid.GridLinear``
+    as ``{"*": 32, "o_proj": 0}``); the number wrapped.  A ``grid.GridLinear``
     keeps its codes, its columns come from ``weight_equivalent``.  Linears that read the
     same channels of the same width share one ``pick``."""
     done, picks = 0, {}
